@@ -1,0 +1,295 @@
+"""Typed schemas for every config group, validation, and checkpoint schedules. Standard library only.
+
+Hydra composes a plain dict at the entry points; `Config.from_dict` turns it into these dataclasses and
+rejects unknown keys and bad values with one `ConfigError` naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SETTINGS = ("balls_and_urns", "linear_regression", "classification")
+TASK_PRIORS = ("uniform", "power_law", "constant_freq")
+SCHEDULES = ("sqrt_schedule", "linear_schedule", "end_only")
+MODELS = ("transformer", "mlp", "bayes")
+BAYES_KINDS = ("memorizing", "generalizing", "const")
+DATA_SOURCES = ("shards", "generate")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("fp32", "bf16")
+PARAMETRIZATIONS = ("sp", "mup")
+EVAL_MODES = ("standard", "single_task")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message names the key and the fix."""
+
+
+def _choice(key: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value, low, what: str = "") -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value!r} must be >= {low}{what}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    num_tasks: int = 64  # D, the number of training tasks
+    num_dims: int = 8  # V colours (balls_and_urns) or input dimension d
+    context_length: int = 128  # C draws / pairs / items incl. the query
+    prior: str = "uniform"  # task prior over the D tasks
+    prior_exponent: float = 1.0  # power_law: weight of task k proportional to (k+1)^-a
+    num_ood_tasks: int = 500
+    dirichlet_alpha: float = 1.0  # balls_and_urns: theta ~ Dirichlet(alpha 1_V)
+    weight_variance: float = 1.0  # linear_regression: tau^2
+    noise_variance: float | None = None  # linear_regression: sigma^2; None means num_dims/256 (RI)
+    exemplar_noise: float = 0.5  # classification: w
+
+    def check(self, key: str) -> None:
+        _at_least(f"{key}.num_tasks", self.num_tasks, 1, " (D is the number of training tasks)")
+        _at_least(f"{key}.num_dims", self.num_dims, 1)
+        _at_least(f"{key}.context_length", self.context_length, 1)
+        _at_least(f"{key}.num_ood_tasks", self.num_ood_tasks, 1)
+        _choice(f"{key}.prior", self.prior, TASK_PRIORS)
+        _at_least(f"{key}.prior_exponent", self.prior_exponent, 0, " (a = 0 is uniform; weights decrease with k)")
+        for name in ("dirichlet_alpha", "weight_variance", "exemplar_noise"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)!r} must be > 0")
+        if self.noise_variance is not None and self.noise_variance <= 0:
+            raise ConfigError(f"{key}.noise_variance={self.noise_variance!r} must be > 0 (or null for num_dims/256)")
+
+    @property
+    def sigma2(self) -> float:
+        return self.num_dims / 256 if self.noise_variance is None else self.noise_variance
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "shards"  # shards: pre-batched HDF5; generate: on-device counter-based batches
+    eval_size: int = 2048  # sequences per eval split
+    max_storage_gb: float = 20.0  # refuse to write shards larger than this (suggesting source=generate)
+    shard_mb: float = 64.0  # target size of one train shard file
+
+    def check(self, key: str) -> None:
+        _choice(f"{key}.source", self.source, DATA_SOURCES)
+        _at_least(f"{key}.eval_size", self.eval_size, 1)
+        if self.max_storage_gb <= 0 or self.shard_mb <= 0:
+            raise ConfigError(f"{key}.max_storage_gb and {key}.shard_mb must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = 64
+    num_layers: int = 1
+    num_heads: int = 1
+    mlp_expansion_factor: float = 4.0
+    parametrization: str = "sp"
+    base_width: int = 128  # muP base width
+    kind: str = "memorizing"  # model=bayes: which predictor
+
+    def check(self, key: str) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "base_width"):
+            _at_least(f"{key}.{name}", getattr(self, name), 1)
+        if self.mlp_expansion_factor <= 0:
+            raise ConfigError(f"{key}.mlp_expansion_factor={self.mlp_expansion_factor!r} must be > 0")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{key}.hidden_size={self.hidden_size} must be divisible by {key}.num_heads={self.num_heads}")
+        _choice(f"{key}.parametrization", self.parametrization, PARAMETRIZATIONS)
+        _choice(f"{key}.kind", self.kind, BAYES_KINDS)
+
+
+@dataclass(frozen=True)
+class SaveSteps:
+    schedule: str = "sqrt_schedule"
+    num_checkpoints: int = 100  # n
+    first_step: int = 20  # s0
+
+    def check(self, key: str) -> None:
+        _choice(f"{key}.schedule", self.schedule, SCHEDULES)
+        if self.schedule != "end_only":
+            _at_least(f"{key}.num_checkpoints", self.num_checkpoints, 2, f" for {self.schedule} (use end_only for one)")
+            _at_least(f"{key}.first_step", self.first_step, 1)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    learning_rate: float = 5e-4
+    batch_size: int = 64  # global: split across ranks
+    max_steps: int = 100_000
+    warmup_steps: int = 5_000
+    lr_schedule: str = "constant"  # after warmup
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    gradient_accumulation_steps: int = 1
+    compile: bool = False
+    eval_every: int = 1000
+    log_every: int = 100
+    save_steps: SaveSteps = field(default_factory=SaveSteps)
+
+    def check(self, key: str) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{key}.learning_rate={self.learning_rate!r} must be > 0")
+        for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "eval_every", "log_every"):
+            _at_least(f"{key}.{name}", getattr(self, name), 1)
+        _at_least(f"{key}.warmup_steps", self.warmup_steps, 0)
+        _choice(f"{key}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice(f"{key}.precision", self.precision, PRECISIONS)
+        self.save_steps.check(f"{key}.save_steps")
+        if self.save_steps.schedule != "end_only" and self.save_steps.first_step > self.max_steps:
+            raise ConfigError(
+                f"{key}.save_steps.first_step={self.save_steps.first_step} exceeds {key}.max_steps={self.max_steps}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: str = "standard"
+    batch_size: int = 128
+    num_eval_batches: int = 16  # a prefix of the saved eval sets
+    return_all: bool = False
+    save_hidden_states: bool = False
+
+    def check(self, key: str) -> None:
+        _choice(f"{key}.mode", self.mode, EVAL_MODES)
+        _at_least(f"{key}.batch_size", self.batch_size, 1)
+        _at_least(f"{key}.num_eval_batches", self.num_eval_batches, 1)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = True
+    project: str = "normscale"
+
+    def check(self, key: str) -> None:
+        pass
+
+
+# Hydra key of each section -> its schema.
+SECTIONS: dict[str, type] = {
+    "task_kwargs": TaskConfig,
+    "data_kwargs": DataConfig,
+    "model_kwargs": ModelConfig,
+    "training_kwargs": TrainingConfig,
+    "eval_kwargs": EvalConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    setting: str = "balls_and_urns"
+    model: str = "transformer"
+    seed: int = 0
+    overwrite: bool = False
+    cache_dir: str = "./cache"
+    task_kwargs: TaskConfig = field(default_factory=TaskConfig)
+    data_kwargs: DataConfig = field(default_factory=DataConfig)
+    model_kwargs: ModelConfig = field(default_factory=ModelConfig)
+    training_kwargs: TrainingConfig = field(default_factory=TrainingConfig)
+    eval_kwargs: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Config:
+        config = _build(cls, raw, "")
+        config.check()
+        return config
+
+    def check(self) -> None:
+        _choice("setting", self.setting, SETTINGS)
+        _choice("model", self.model, MODELS)
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name={self.name!r} must be a non-empty name without '/'")
+        _at_least("seed", self.seed, 0)
+        for key in SECTIONS:
+            getattr(self, key).check(key)
+        total = self.eval_kwargs.batch_size * self.eval_kwargs.num_eval_batches
+        if total > self.data_kwargs.eval_size:
+            raise ConfigError(
+                f"eval_kwargs.num_eval_batches={self.eval_kwargs.num_eval_batches} x eval_kwargs.batch_size="
+                f"{self.eval_kwargs.batch_size} = {total} sequences exceeds the saved eval set "
+                f"(data_kwargs.eval_size={self.data_kwargs.eval_size}); lower num_eval_batches")
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.cache_dir) / "experiments" / self.setting / self.name
+
+    @property
+    def data_dir(self) -> Path:
+        return self.experiment_dir / "data"
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        s = self.training_kwargs.save_steps
+        return checkpoint_schedule(s.schedule, self.training_kwargs.max_steps, s.num_checkpoints, s.first_step)
+
+
+def checkpoint_schedule(schedule: str, max_steps: int, num_checkpoints: int = 100, first_step: int = 20) -> list[int]:
+    """Checkpoint steps (SPEC E): sqrt and linear spacing from first_step to max_steps, or the end only."""
+    _choice("training_kwargs.save_steps.schedule", schedule, SCHEDULES)
+    T, n, s0 = max_steps, num_checkpoints, first_step
+    if schedule == "end_only":
+        return [T]
+    if schedule == "sqrt_schedule":
+        lo, hi = math.sqrt(s0), math.sqrt(T)
+        steps = [math.floor((lo + i * (hi - lo) / (n - 1)) ** 2) for i in range(n)]
+    else:
+        steps = [math.floor(s0 + i * (T - s0) / (n - 1)) for i in range(n)]
+    return sorted(set(steps + [T]))
+
+
+def schema_keys(schema: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key a schema accepts (sections expanded), for error messages and override checks."""
+    keys = []
+    for name, annotation in typing.get_type_hints(schema).items():
+        nested = dataclasses.is_dataclass(annotation)
+        keys += schema_keys(annotation, f"{prefix}{name}.") if nested else [f"{prefix}{name}"]
+    return keys
+
+
+def _build(schema: type, raw, key: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key or 'config'} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys{' in ' + key if key else ''}: {', '.join(names)}")
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{key}.{name}" if key else name)
+    return schema(**values)
+
+
+def _coerce(annotation, value, key: str):
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    if optional:
+        if value is None:
+            return None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)  # 1e5 from YAML
+    if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r} must be of type {annotation.__name__}")
+    return value
+
+
+def resolve_cache_dir(value: str | None = None) -> Path:
+    """CACHE_DIR: an explicit value, else the environment (after .env), else ./cache; made absolute."""
+    return Path(value or os.environ.get("CACHE_DIR") or "./cache").expanduser().resolve()
