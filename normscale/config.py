@@ -74,7 +74,7 @@ class TaskConfig:
 class DataConfig:
     source: str = "shards"  # shards: pre-batched HDF5; generate: on-device counter-based batches
     eval_size: int = 2048  # sequences per eval split
-    max_storage_gb: float = 20.0  # refuse to write shards larger than this (suggesting source=generate)
+    max_storage_gb: float = 10.0  # refuse to write shards larger than this (suggesting source=generate)
     shard_mb: float = 64.0  # target size of one train shard file
 
     def check(self, key: str) -> None:
@@ -148,7 +148,8 @@ class TrainingConfig:
         self.save_steps.check(f"{key}.save_steps")
         if self.save_steps.schedule != "end_only" and self.save_steps.first_step > self.max_steps:
             raise ConfigError(
-                f"{key}.save_steps.first_step={self.save_steps.first_step} exceeds {key}.max_steps={self.max_steps}")
+                f"{key}.save_steps.first_step={self.save_steps.first_step} exceeds {key}.max_steps={self.max_steps}; "
+                f"lower {key}.save_steps.first_step or use {key}.save_steps.schedule=end_only")
 
 
 @dataclass(frozen=True)

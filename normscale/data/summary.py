@@ -1,0 +1,40 @@
+"""`python -m normscale.data`: plan, generate or verify, and summarise an experiment's data."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from normscale.config import Config
+from normscale.data.priors import task_prior_weights
+from normscale.data.store import PreparedData, check_budget, format_bytes, plan_data, prepare_data
+
+
+def prepare_and_summarise(config: Config) -> PreparedData:
+    plan = plan_data(config)
+    t = config.task_kwargs
+    shards = (f"{plan.num_shards} shard(s) of {plan.steps_per_shard} steps, {format_bytes(plan.train_bytes)} "
+              f"uncompressed ({format_bytes(plan.bytes_per_step)} per batch)"
+              if config.data_kwargs.source == "shards" else "none stored: source=generate makes each batch on the device")
+    print(f"normscale data: setting={config.setting} name={config.name} seed={config.seed}\n"
+          f"  dataset     {plan.directory}\n"
+          f"  tasks       D={t.num_tasks} ({t.prior} prior), {t.num_ood_tasks} OOD tasks, dims={t.num_dims}, "
+          f"context={t.context_length}\n"
+          f"  needs       train: {config.training_kwargs.max_steps} steps x {config.training_kwargs.batch_size} "
+          f"sequences: {shards}; eval: {format_bytes(plan.eval_bytes)}", flush=True)
+    check_budget(config, plan)
+    prepared = prepare_data(config, verify=True)
+    files = prepared.manifest["files"]
+    on_disk = sum(files[n]["bytes"] for n in files)
+    print(f"  files       {len(prepared.generated)} generated, {len(prepared.verified)} verified against the manifest; "
+          f"{len(files)} files, {format_bytes(on_disk)} on disk")
+    with h5py.File(plan.directory / "eval.h5", "r") as f:
+        for split in f:
+            print(f"  eval/{split:<6} {len(f[split]['task_ids'])} sequences, content hash {f[split].attrs['content_hash'][:16]}")
+    if config.data_kwargs.source == "shards":
+        with h5py.File(plan.directory / plan.shard_name(0), "r") as f:
+            ids = f["task_ids"][()].ravel()
+        expected = task_prior_weights(t.prior, t.num_tasks, t.prior_exponent)
+        observed = np.bincount(ids, minlength=t.num_tasks) / len(ids)
+        print(f"  shard 0     {len(ids)} sequences; task frequency vs prior: max |observed - expected| = "
+              f"{np.abs(observed - expected).max():.4f} (task 0: {observed[0]:.4f} vs {expected[0]:.4f})")
+    return prepared
