@@ -30,7 +30,7 @@ def compose_config(*overrides: str) -> Config:
 def small_config(cache_dir, setting="balls_and_urns", *overrides: str) -> Config:
     return compose_config(f"setting={setting}", f"cache_dir={cache_dir}", "name=test", *SMALL[setting],
                           "task_kwargs.num_tasks=8", "task_kwargs.num_ood_tasks=20", "training_kwargs.batch_size=8",
-                          "training_kwargs.max_steps=50", "data_kwargs.eval_size=64", "data_kwargs.shard_mb=0.01",
+                          "training_kwargs.max_steps=50", "data_kwargs.eval_size=64", "data_kwargs.shard_mb=0.003",
                           "eval_kwargs.batch_size=16", "eval_kwargs.num_eval_batches=4", *overrides)
 
 

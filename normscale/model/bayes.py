@@ -20,7 +20,7 @@ from torch import nn
 
 from normscale.config import BAYES_KINDS, SETTINGS, TaskConfig
 
-CHUNK_ELEMENTS = 2**24
+CHUNK_ELEMENTS = 2**22  # entries of the largest per-chunk block: ~16 MiB float32, small enough to stay cache-friendly
 TASK_KEYS = {"balls_and_urns": ("theta",), "linear_regression": ("w",), "classification": ("x", "y")}
 PROB_CLIP = 1e-5
 
