@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from normscale.config import Config, ConfigError, resolve_cache_dir, schema_keys
+from normscale.config import Config, ConfigError, NormscaleError, resolve_cache_dir, schema_keys
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("setting", "model", "training", "eval", "experiment")
@@ -73,7 +73,7 @@ def load_env() -> None:
 
 
 def hydra_main(entry: Callable[[Config], Any]) -> None:
-    """Run `entry(config)` under Hydra (single run or `-m` sweep); configuration errors exit 2 with one line."""
+    """Run `entry(config)` under Hydra (single run or `-m` sweep); a NormscaleError exits 2 with one line."""
     import hydra
 
     load_env()
@@ -88,7 +88,7 @@ def hydra_main(entry: Callable[[Config], Any]) -> None:
             config = to_config(cfg)
             print(f"normscale: CACHE_DIR={config.cache_dir}", flush=True)
             return entry(config)
-        except ConfigError as error:
+        except NormscaleError as error:
             fail(str(error))
 
     _main()

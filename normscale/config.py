@@ -25,7 +25,11 @@ PARAMETRIZATIONS = ("sp", "mup")
 EVAL_MODES = ("standard", "single_task")
 
 
-class ConfigError(ValueError):
+class NormscaleError(Exception):
+    """An error whose message names the problem and the fix; entry points print it as one line and exit 2."""
+
+
+class ConfigError(NormscaleError, ValueError):
     """A configuration value or key that cannot be used; the message names the key and the fix."""
 
 

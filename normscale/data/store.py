@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import math
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import torch
 
-from normscale.config import Config, ConfigError
+from normscale.config import Config, ConfigError, NormscaleError
 from normscale.data.dataset import EVAL_SPLITS, MixtureDataset, draw_task_pools, make_eval_splits
 from normscale.data.tasks import BATCH_ARRAYS, batch_shapes, check_storable
 from normscale.fileio import atomic_path, file_lock, sha256_bytes, write_json
@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class DataIntegrityError(RuntimeError):
+class DataIntegrityError(NormscaleError, RuntimeError):
     """A data file is missing, truncated or altered; the message names the file and how to regenerate it."""
 
 
@@ -267,7 +267,7 @@ class ShardReader:
 
     def __init__(self, directory: Path, setting: str, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", read_ahead: bool = True):
-        self.directory, self.setting, self.device, self.read_ahead = Path(directory), setting, device, read_ahead
+        self.directory, self.setting, self.device = Path(directory), setting, device
         self.manifest = _require_manifest(self.directory)
         self.steps_per_shard = self.manifest["steps_per_shard"]
         batch_size = self.manifest["spec"]["batch_size"]
@@ -276,7 +276,8 @@ class ShardReader:
                              f"choose a batch size that is a multiple of the number of processes")
         local = batch_size // world_size
         self.rows = slice(rank * local, (rank + 1) * local)
-        self._index, self._arrays, self._next = None, None, None
+        self._index, self._arrays, self._ahead = None, None, None
+        self._pool = ThreadPoolExecutor(max_workers=1) if read_ahead else None
 
     def _load(self, index: int) -> dict[str, np.ndarray]:
         name = f"train/shard-{index:05d}.h5"
@@ -289,26 +290,14 @@ class ShardReader:
         with h5py.File(io.BytesIO(data), "r") as f:
             return {n: f[n][:, self.rows] for n in f}
 
-    def _start_read_ahead(self, index: int) -> None:
-        result = {}
-        thread = threading.Thread(target=lambda: result.update(arrays=self._load(index)), daemon=True)
-        thread.start()
-        self._next = (index, thread, result)
-
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         index = step // self.steps_per_shard
         if index != self._index:
-            if self._next is not None and self._next[0] == index:
-                _, thread, result = self._next
-                thread.join()
-                if "arrays" not in result:  # the read-ahead failed: read again here so its error surfaces
-                    result["arrays"] = self._load(index)
-                self._arrays = result["arrays"]
-            else:
-                self._arrays = self._load(index)
-            self._index, self._next = index, None
-            if self.read_ahead and f"train/shard-{index + 1:05d}.h5" in self.manifest["files"]:
-                self._start_read_ahead(index + 1)
+            ahead = self._ahead[1] if self._ahead and self._ahead[0] == index else None
+            self._arrays = ahead.result() if ahead else self._load(index)  # result() re-raises a read-ahead error
+            self._index, self._ahead = index, None
+            if self._pool and f"train/shard-{index + 1:05d}.h5" in self.manifest["files"]:
+                self._ahead = (index + 1, self._pool.submit(self._load, index + 1))
         local = step - index * self.steps_per_shard
         return to_torch({n: a[local] for n, a in self._arrays.items()}, self.setting, self.device)
 

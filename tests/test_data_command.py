@@ -1,0 +1,30 @@
+"""`python -m normscale.data`, end to end in a fresh interpreter as a user runs it."""
+from conftest import run_module
+
+QUICK = ["experiment=demo", "training_kwargs.max_steps=300", "data_kwargs.shard_mb=0.5"]
+
+
+def test_generates_then_verifies_and_reports_corruption(tmp_path):
+    env = {"CACHE_DIR": str(tmp_path)}
+    first = run_module("normscale.data", *QUICK, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "needs       train: 300 steps x 64 sequences: 5 shard(s) of 61 steps" in first.stdout
+    assert "5 generated" not in first.stdout and "7 generated, 0 verified" in first.stdout
+    assert "eval/id     512 sequences, content hash" in first.stdout and "eval/ood" in first.stdout
+    second = run_module("normscale.data", *QUICK, env=env)
+    assert "0 generated, 7 verified against the manifest" in second.stdout
+    shard = next(tmp_path.glob("experiments/balls_and_urns/demo/data/*/train/shard-00002.h5"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    third = run_module("normscale.data", *QUICK, env=env)
+    assert third.returncode == 2 and f"data file {shard} is altered" in third.stderr and "Traceback" not in third.stderr
+
+
+def test_over_budget_names_the_size_and_the_generate_source(tmp_path):
+    result = run_module("normscale.data", "setting=linear_regression", "task_kwargs.context_length=64",
+                        "task_kwargs.num_dims=16", env={"CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "need 55.8 GB of HDF5 shards (100000 steps x 557.6 KB per batch)" in result.stderr
+    assert "data_kwargs.source=generate" in result.stderr and "needs       train" in result.stdout
+    assert not list(tmp_path.rglob("*.h5"))

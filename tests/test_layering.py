@@ -1,0 +1,19 @@
+"""DESIGN's dependency direction, checked in fresh interpreters: the library layers import nothing above them."""
+import subprocess
+import sys
+
+import pytest
+
+FORBIDDEN = {
+    "normscale.config": ["torch", "numpy", "hydra", "omegaconf", "normscale.data", "normscale.model"],
+    "normscale.data": ["hydra", "omegaconf", "accelerate", "deepspeed", "normscale.dist", "normscale.model", "normscale.cli"],
+    "normscale.model": ["hydra", "omegaconf", "accelerate", "deepspeed", "normscale.dist", "normscale.data", "normscale.cli"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_module_imports_nothing_above_it(module):
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert module in loaded
+    assert not [m for m in FORBIDDEN[module] if m in loaded]
