@@ -2,7 +2,6 @@
 Monte Carlo; M -> G on OOD data as D grows; chunking; output alignment; Bayes-optimality; input errors."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -419,4 +418,16 @@ def test_bad_input_raises_clear_errors():
         build_bayes("classification", "generalizing", ctask, None, None)(
             {"xs": torch.zeros(2, 1, 3), "labels": torch.full((2, 1), -1)})
     with pytest.raises(ValueError, match="chunk_elements=0"):
-        BayesPredictor("classification", "const", dataclasses.replace(ctask), chunk_elements=0)
+        BayesPredictor("classification", "const", ctask, chunk_elements=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_predictors_on_gpu_match_cpu():
+    for setting, d, C in (("balls_and_urns", 8, 64), ("linear_regression", 8, 16), ("classification", 8, 32)):
+        task, tasks, log_prior, weights = setup(setting, 256, d, C, prior="power_law")
+        batch = sequences(setting, task, tasks, weights, 64, seed=22)
+        for kind, model in predictors(setting, task, tasks, log_prior).items():
+            out = model.to("cuda")({k: v.cuda() for k, v in batch.items()})
+            assert out.is_cuda
+            torch.testing.assert_close(out.cpu(), model.cpu()(batch))

@@ -28,3 +28,27 @@ def test_over_budget_names_the_size_and_the_generate_source(tmp_path):
     assert "need 55.8 GB of HDF5 shards (100000 steps x 557.6 KB per batch)" in result.stderr
     assert "data_kwargs.source=generate" in result.stderr and "needs       train" in result.stdout
     assert not list(tmp_path.rglob("*.h5"))
+
+
+def test_a_sweep_prepares_each_dataset_and_leaves_nothing_in_the_working_directory(tmp_path):
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    work.mkdir()
+    result = run_module("normscale.data", "-m", "experiment=demo", "task_kwargs.num_tasks=4,8",
+                        "training_kwargs.max_steps=100", cwd=work, env={"CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr
+    datasets = sorted(p.name.split("-")[0] for p in (cache / "experiments/balls_and_urns/demo/data").iterdir())
+    assert datasets == ["D4", "D8"] and list(work.iterdir()) == []
+    assert (cache / "experiments/balls_and_urns/demo/multirun.yaml").exists()
+
+
+def test_inspect_shards_prints_the_manifest_and_a_batch(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    run_module("normscale.data", *QUICK, env={"CACHE_DIR": str(tmp_path)})
+    directory = next(tmp_path.glob("experiments/balls_and_urns/demo/data/*"))
+    out = subprocess.run([sys.executable, str(ROOT / "tools/inspect_shards.py"), str(directory), "--step", "70"],
+                         capture_output=True, text=True, check=True).stdout
+    assert '"setting": "balls_and_urns"' in out and "train/shard-00001.h5" in out
+    assert "step 70 (row 9 of shard-00001.h5):" in out and "tokens: [[8 " in out

@@ -8,8 +8,9 @@ normscale.data.tasks and returns
   classification     (B, 2) log-probabilities of the query's label, clipped to [1e-5, 1 - 1e-5] before the log
 Posteriors over tasks are softmaxes of log-likelihood + log prior. M's D training tasks and log prior are buffers
 (`.to(device)` moves them; `.float()` makes M compute in float32); G and Const compute in `dtype` on the inputs'
-device. The ridge solve is always float64. Work is chunked so that no block holds more than `chunk_elements`
-entries of its largest (rows, D)-sized tensor; (B, C, D, V) is never formed.
+device. The ridge solve is always float64. Work is chunked over positions or sequences so that a chunk's largest
+block ((rows, D) urns, (b, C, D) regression M, (b, C, d, d) ridge, (b, D, d) classification M) holds at most
+`chunk_elements` entries, one row or sequence at least; (B, C, D, V) is never formed.
 """
 from __future__ import annotations
 
@@ -57,11 +58,13 @@ class BayesPredictor(nn.Module):
         keys, D = TASK_KEYS[self.setting], self.task.num_tasks
         if tasks is None or log_prior is None:
             raise ValueError(
-                f"the memorizing predictor needs the D training tasks and their prior: pass tasks={{{', '.join(map(repr, keys))}: ...}} "
-                "(the experiment's saved tasks, or draw_tasks(...)) and log_prior=log(task_prior_weights(prior, D, exponent))")
+                "the memorizing predictor needs the D training tasks and their prior: pass "
+                f"tasks={{{', '.join(map(repr, keys))}: ...}} (the experiment's saved tasks, or draw_tasks(...)) "
+                "and log_prior=log(task_prior_weights(prior, D, exponent))")
         missing = [k for k in keys if k not in tasks]
         if missing:
-            raise ValueError(f"{self.setting} tasks need {', '.join(map(repr, keys))}; missing {missing} in {sorted(tasks)}")
+            raise ValueError(
+                f"{self.setting} tasks need {', '.join(map(repr, keys))}; missing {missing} in {sorted(tasks)}")
         shapes = {"theta": (D, self.dims), "w": (D, self.dims), "x": (D, self.dims), "y": (D,)}
         params = {k: torch.as_tensor(tasks[k]).to(torch.float64) for k in keys}
         log_prior = torch.as_tensor(log_prior).to(torch.float64)
@@ -97,7 +100,8 @@ class BayesPredictor(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.setting == "balls_and_urns":
             counts = self._urn_counts(batch)
-            return {"memorizing": self._urns_m, "generalizing": self._urns_g, "const": self._urns_const}[self.kind](counts)
+            predict = {"memorizing": self._urns_m, "generalizing": self._urns_g, "const": self._urns_const}[self.kind]
+            return predict(counts)
         if self.setting == "linear_regression":
             xs, ys = self._regression_inputs(batch)
             if self.kind == "memorizing":
@@ -155,7 +159,8 @@ class BayesPredictor(nn.Module):
         xs = self._field(batch, "xs", 3, "(B, C, d) float")
         ys = self._field(batch, "ys", 2, "(B, C) float")
         if xs.shape[2] != self.dims or ys.shape != xs.shape[:2]:
-            raise ValueError(f"xs {tuple(xs.shape)} and ys {tuple(ys.shape)} do not match (B, C, d={self.dims}) and (B, C)")
+            raise ValueError(
+                f"xs {tuple(xs.shape)} and ys {tuple(ys.shape)} do not match (B, C, d={self.dims}) and (B, C)")
         return xs, ys
 
     def _classification_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
