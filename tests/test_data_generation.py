@@ -143,3 +143,13 @@ def test_eval_splits_carry_task_parameters_and_differ_from_training_batches(sett
         else:
             assert np.array_equal(arrays["query_x"], pool["x"][ids]) and np.array_equal(arrays["query_y"], pool["y"][ids])
         assert not {row.tobytes() for row in arrays[first]} & train_rows  # never the first training batches
+
+
+def test_classification_sampling_rejects_missing_or_too_few_exemplars():
+    task = TaskConfig(num_tasks=1, num_dims=2, context_length=4)
+    tasks = {k: torch.from_numpy(v) for k, v in draw_tasks("classification", task, 1, numpy_generator(0, "t")).items()}
+    ids, g = torch.zeros(3, dtype=torch.int64), torch_generator(0, "s")
+    with pytest.raises(ValueError, match="needs context_weights"):
+        sample_sequences("classification", task, tasks, ids, g)
+    with pytest.raises(ValueError, match="at least 2 exemplars"):
+        sample_sequences("classification", task, tasks, ids, g, torch.ones(1, dtype=torch.float64), exclude_query=True)

@@ -83,6 +83,10 @@ def sample_sequences(setting: str, task: TaskConfig, tasks: dict[str, torch.Tens
         ys = torch.einsum("bcd,bd->bc", xs, tasks["w"][task_ids].float()) + noise
         return {"xs": xs, "ys": ys, "task_ids": task_ids}
     if setting == "classification":
+        if context_weights is None:
+            raise ValueError("classification needs context_weights: the task prior (D,) the context exemplars are drawn from")
+        if exclude_query and len(context_weights) < 2:
+            raise ValueError("exclude_query (the IWL split) needs at least 2 exemplars: one for the query, one for the context")
         weights = context_weights.to(device=device, dtype=torch.float64).expand(B, -1)
         if exclude_query:
             weights = weights.scatter(1, task_ids[:, None], 0.0)
