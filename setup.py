@@ -23,7 +23,6 @@ setup(
         "safetensors>=0.4",
         "wandb>=0.17",
         "python-dotenv>=1.0",
-        "filelock>=3.12",
         "tqdm>=4.66",
         "pandas>=2.0",
         "matplotlib>=3.8",

@@ -204,3 +204,12 @@ def test_four_processes_asking_at_once_generate_one_copy(cache_dir):
     directory = again.plan.directory
     assert not [p for p in directory.rglob("*") if ".tmp-" in p.name]
     assert [d.name for d in directory.parent.iterdir()] == [directory.name]
+
+
+def test_default_eval_splits_hold_2048_sequences_each(cache_dir):
+    from conftest import compose_config
+    config = compose_config("setting=classification", f"cache_dir={cache_dir}", "data_kwargs.source=generate")
+    assert config.data_kwargs.eval_size == 2048
+    splits = load_eval_splits(prepare_data(config).plan.directory)
+    assert {s: len(a["task_ids"]) for s, a in splits.items()} == {"id": 2048, "ood": 2048, "iwl": 2048}
+    assert 490 <= splits["ood"]["task_ids"].max() < 500 and len(np.unique(splits["ood"]["task_ids"])) > 450  # 500 OOD tasks
