@@ -132,6 +132,7 @@ def _generate_missing(config: Config, plan: DataPlan, needed: list[str]) -> list
         return []
     task, seed, setting = config.task_kwargs, config.seed, config.setting
     pools = draw_task_pools(setting, task, seed)
+    dataset = MixtureDataset(setting, task, pools["train"], task.prior, config.training_kwargs.batch_size, seed)
     for name in missing:
         if name == "tasks.h5":
             groups, attrs = pools, {}
@@ -140,7 +141,6 @@ def _generate_missing(config: Config, plan: DataPlan, needed: list[str]) -> list
             attrs = {split: {"content_hash": content_hash(arrays)} for split, arrays in groups.items()}
         else:
             index = int(name.removeprefix("train/shard-").removesuffix(".h5"))
-            dataset = MixtureDataset(setting, task, pools["train"], task.prior, config.training_kwargs.batch_size, seed)
             groups, attrs = {"": _shard_arrays(dataset, plan, index)}, {"": {"first_step": index * plan.steps_per_shard}}
         manifest["files"][name] = _write_h5(plan.directory / name, groups, attrs, chunk_leading=name.startswith("train/"))
         write_json(plan.directory / MANIFEST, manifest)  # after each file: an interrupted run keeps what it made
