@@ -257,6 +257,15 @@ def to_torch(arrays: dict[str, np.ndarray], setting: str, device: str | torch.de
             else torch.from_numpy(a).to(device) for n, a in arrays.items()}
 
 
+def rank_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """Rank r's rows [rB/W, (r+1)B/W) of a global batch of B sequences (batch_size is global)."""
+    if batch_size % world_size:
+        raise ValueError(f"training_kwargs.batch_size={batch_size} is not divisible by the world size {world_size}; "
+                         f"choose a batch size that is a multiple of the number of processes")
+    local = batch_size // world_size
+    return slice(rank * local, (rank + 1) * local)
+
+
 class ShardReader:
     """Step-indexed train batches from the HDF5 shards: `batch(step)` is this rank's rows of step's global batch.
 
@@ -270,12 +279,7 @@ class ShardReader:
         self.directory, self.setting, self.device = Path(directory), setting, device
         self.manifest = _require_manifest(self.directory)
         self.steps_per_shard = self.manifest["steps_per_shard"]
-        batch_size = self.manifest["spec"]["batch_size"]
-        if batch_size % world_size:
-            raise ValueError(f"training_kwargs.batch_size={batch_size} is not divisible by the world size {world_size}; "
-                             f"choose a batch size that is a multiple of the number of processes")
-        local = batch_size // world_size
-        self.rows = slice(rank * local, (rank + 1) * local)
+        self.rows = rank_rows(self.manifest["spec"]["batch_size"], rank, world_size)
         self._index, self._arrays, self._ahead = None, None, None
         self._pool = ThreadPoolExecutor(max_workers=1) if read_ahead else None
 
@@ -312,10 +316,7 @@ class GeneratedBatches:
     def __init__(self, config: Config, tasks: dict[str, np.ndarray], rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu"):
         batch_size = config.training_kwargs.batch_size
-        if batch_size % world_size:
-            raise ValueError(f"training_kwargs.batch_size={batch_size} is not divisible by the world size {world_size}")
-        local = batch_size // world_size
-        self.rows = slice(rank * local, (rank + 1) * local)
+        self.rows = rank_rows(batch_size, rank, world_size)
         self.dataset = MixtureDataset(config.setting, config.task_kwargs, tasks, config.task_kwargs.prior,
                                       batch_size, config.seed, device)
 
