@@ -72,8 +72,9 @@ def load_env() -> None:
     load_dotenv(find_dotenv(usecwd=True))  # values already in the environment win
 
 
-def hydra_main(entry: Callable[[Config], Any]) -> None:
-    """Run `entry(config)` under Hydra (single run or `-m` sweep); a NormscaleError exits 2 with one line."""
+def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
+    """Run `entry(config)` under Hydra (single run or `-m` sweep), or `entry(config, overrides)` with the job's
+    command-line overrides (they name run directories); a NormscaleError exits 2 with one line."""
     import hydra
 
     load_env()
@@ -87,6 +88,9 @@ def hydra_main(entry: Callable[[Config], Any]) -> None:
         try:
             config = to_config(cfg)
             print(f"normscale: CACHE_DIR={config.cache_dir}", flush=True)
+            if with_overrides:
+                from hydra.core.hydra_config import HydraConfig
+                return entry(config, list(HydraConfig.get().overrides.task))
             return entry(config)
         except NormscaleError as error:
             fail(str(error))

@@ -6,8 +6,10 @@ rejects unknown keys and bad values with one `ConfigError` naming the key and wh
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from pathlib import Path
 SETTINGS = ("balls_and_urns", "linear_regression", "classification")
 TASK_PRIORS = ("uniform", "power_law", "constant_freq")
 SCHEDULES = ("sqrt_schedule", "linear_schedule", "end_only")
-MODELS = ("transformer", "mlp", "bayes")
+MODELS = ("transformer", "mlp", "hf_gpt_neox", "bayes")
 BAYES_KINDS = ("memorizing", "generalizing", "const")
 DATA_SOURCES = ("shards", "generate")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -214,6 +216,9 @@ class Config:
     def check(self) -> None:
         _choice("setting", self.setting, SETTINGS)
         _choice("model", self.model, MODELS)
+        if self.model == "hf_gpt_neox" and self.model_kwargs.parametrization == "mup":
+            raise ConfigError("model=hf_gpt_neox trains transformers' GPTNeoX as the predecessor did (sp only); "
+                              "use model=transformer for model_kwargs.parametrization=mup")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r} must be a non-empty name without '/'")
         _at_least("seed", self.seed, 0)
@@ -252,6 +257,29 @@ def checkpoint_schedule(schedule: str, max_steps: int, num_checkpoints: int = 10
     else:
         steps = [math.floor(s0 + i * (T - s0) / (n - 1)) for i in range(n)]
     return sorted(set(steps + [T]))
+
+
+# Overrides that do not define a run: where it lives, how it is evaluated or logged (DESIGN: run directories).
+RUN_NAME_EXCLUDED_KEYS = ("name", "experiment", "overwrite", "cache_dir", "setting", "seed")
+RUN_NAME_EXCLUDED_PREFIXES = ("eval_kwargs.", "logging.", "hydra.", "hydra/")
+RUN_NAME_MAX = 200  # file names may have 255 bytes
+
+
+def run_name(overrides: list[str], seed: int) -> str:
+    """The run directory's name from the command line's overrides: sorted key=value pairs that define the run
+    (the last value of a repeated key, as Hydra takes it), unsafe characters replaced, a long list shortened with a
+    hash of the whole, and the seed always last."""
+    values = {}
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key not in RUN_NAME_EXCLUDED_KEYS and not key.startswith(RUN_NAME_EXCLUDED_PREFIXES):
+            values[key] = value
+    pairs = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(f"{k}={v}" for k, v in sorted(values.items())))
+    seed_part = f"seed={seed}"
+    if len(pairs) + len(seed_part) + 1 > RUN_NAME_MAX:
+        digest = hashlib.sha256(pairs.encode()).hexdigest()[:16]
+        pairs = f"{pairs[:RUN_NAME_MAX - len(seed_part) - 18]}-{digest}"
+    return f"{pairs},{seed_part}" if pairs else seed_part
 
 
 def schema_keys(schema: type = Config, prefix: str = "") -> list[str]:

@@ -1,0 +1,127 @@
+"""A run directory on disk: scheduled checkpoints, the rolling resume state, the saved config, metrics files.
+
+    runs/<run_name>/
+      config_resolved.yaml       the run's Config (loadable with Config.from_dict), overrides in its first line
+      checkpoint-<step>/         model.safetensors (consolidated, loadable in one process), meta.json
+      resume -> .resume-<step>   symlink to the one rolling resume state (Accelerate's save_state + state.json)
+      train_metrics.jsonl        one line per logging step; eval_metrics.jsonl one line per evaluation
+
+Every file and directory appears complete or not at all: files and checkpoint directories are written under a
+temporary name and renamed; the resume symlink is replaced atomically, then the old state is removed.
+No Accelerate here: the collective parts (gathering weights, save_state) live in normscale.dist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from normscale.config import Config
+from normscale.fileio import atomic_path, write_json
+
+CONFIG_FILE = "config_resolved.yaml"
+RESUME_LINK = "resume"
+TRAIN_METRICS, EVAL_METRICS = "train_metrics.jsonl", "eval_metrics.jsonl"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{step}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, by step."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return sorted(found)
+
+
+def write_config(run_dir: Path, config: Config, overrides: list[str]) -> None:
+    text = f"# overrides: {' '.join(overrides)}\n" + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    with atomic_path(Path(run_dir) / CONFIG_FILE) as tmp:
+        tmp.write_text(text)
+
+
+def read_config(run_dir: Path) -> Config:
+    return Config.from_dict(yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()))
+
+
+def write_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write checkpoint-<step>/ (weights + meta.json) under a temporary name, then rename it into place."""
+    final = checkpoint_dir(run_dir, step)
+    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, staging / "model.safetensors")
+    write_json(staging / "meta.json", meta)
+    if final.exists():  # rewritten after a resume: same step, same weights
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, meta) of a checkpoint directory, in one process, on CPU."""
+    path = Path(path)
+    return load_file(path / "model.safetensors"), json.loads((path / "meta.json").read_text())
+
+
+def resume_step(run_dir: Path) -> int | None:
+    """The step of the run's resume state, or None when it has none."""
+    link = Path(run_dir) / RESUME_LINK
+    return json.loads((link / "state.json").read_text())["step"] if link.exists() else None
+
+
+def resume_staging(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f".resume-{step}"
+
+
+def publish_resume(run_dir: Path, step: int) -> None:
+    """Point `resume` at the staged state of `step` (written completely by every rank), then drop the old one."""
+    run_dir = Path(run_dir)
+    staging = resume_staging(run_dir, step)
+    write_json(staging / "state.json", {"step": step})
+    link = run_dir / RESUME_LINK
+    old = link.resolve() if link.is_symlink() else None
+    tmp_link = run_dir / f".{RESUME_LINK}.tmp-{os.getpid()}"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(staging.name)
+    os.replace(tmp_link, link)
+    if old is not None and old != staging.resolve():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a metrics file; a last line cut short by a kill is ignored."""
+    if not Path(path).exists():
+        return []
+    lines = Path(path).read_text().splitlines()
+    records = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            records.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:  # a run killed mid-write; resuming rewrites the file without it
+            pass
+    return records
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop records after `step` (written by a run that was killed later than its resume state)."""
+    for name in (TRAIN_METRICS, EVAL_METRICS):
+        path = Path(run_dir) / name
+        if path.exists():
+            kept = [r for r in read_jsonl(path) if r["step"] <= step]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -1,0 +1,107 @@
+"""Accelerate glue: the Accelerator for this launch, collective checkpoint and resume saves, and a clean exit.
+
+DDP, FSDP or DeepSpeed is chosen by the accelerate config the job was launched with (launch/*.yaml); nothing in
+the training loop depends on which. Without CUDA the process group is gloo.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from normscale.checkpoints import publish_resume, resume_staging, resume_step, write_checkpoint
+from normscale.config import Config
+from normscale.dist import process_info
+
+PRECISION = {"fp32": "no", "bf16": "bf16"}
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # save_state's per-file INFO lines drown the progress
+    training = config.training_kwargs
+    several_on_cpu = process_info().world_size > 1 and not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if several_on_cpu else []
+    accelerator = Accelerator(mixed_precision=PRECISION[training.precision],
+                              gradient_accumulation_steps=training.gradient_accumulation_steps,
+                              step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    warn_if_cpu_launch_collapsed(accelerator)
+    return accelerator
+
+
+def warn_if_cpu_launch_collapsed(accelerator: Accelerator, environ=os.environ) -> bool:
+    """`accelerate launch --cpu --num_processes N` silently starts one process (INFRA.md): say so."""
+    collapsed = (accelerator.num_processes == 1 and environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+                 and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ)
+    if collapsed:
+        warnings.warn("accelerate launch --cpu started a single process (it fans out on CPU only through MPI). "
+                      "For N CPU processes use `launch/cpu.sh N -m normscale.train ...` "
+                      "(ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...).", stacklevel=2)
+    return collapsed
+
+
+def uses_sharded_parameters(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def save_checkpoint(accelerator: Accelerator, model, run_dir: Path, step: int, meta: dict) -> None:
+    """Consolidated weights of `model` into checkpoint-<step>/. Collective: every rank must call it (gathering
+    FSDP / ZeRO-3 shards); the main process writes."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        write_checkpoint(run_dir, step, state_dict, meta)
+    accelerator.wait_for_everyone()
+
+
+def save_resume(accelerator: Accelerator, run_dir: Path, step: int) -> None:
+    """The rolling resume state (model, optimizer, scheduler, RNG; sharded as the run is) at `step`. Collective:
+    every rank writes its part into the staging directory, then the main process publishes it atomically."""
+    staging = resume_staging(run_dir, step)
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish_resume(run_dir, step)
+    accelerator.wait_for_everyone()
+
+
+def load_resume(accelerator: Accelerator, run_dir: Path) -> int:
+    """Restore the run's resume state if it has one; the step to continue from (0 for a fresh run)."""
+    step = resume_step(run_dir)
+    if step is None:
+        return 0
+    accelerator.load_state(str(Path(run_dir) / "resume"))
+    return step
+
+
+def check_replicas_identical(accelerator: Accelerator, model) -> None:
+    """Data parallelism keeps a full copy of the parameters on every rank: check that all copies agree, bit for
+    bit (a collective; call it on every rank). Sharded runs (FSDP, DeepSpeed) have no copies to compare."""
+    if accelerator.num_processes == 1 or uses_sharded_parameters(accelerator):
+        return
+    flat = torch.cat([p.detach().flatten().float().cpu() for p in accelerator.unwrap_model(model).parameters()])
+    digest = int.from_bytes(hashlib.sha256(flat.numpy().tobytes()).digest()[:8], "little", signed=True)
+    digests = accelerator.gather(torch.tensor([digest], device=accelerator.device)).tolist()
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"parameters differ across ranks after training (digests {digests}): DDP replicas diverged")
+    accelerator.print(f"normscale: parameters identical on all {accelerator.num_processes} ranks")
+
+
+def finish_process(code: int = 0) -> None:
+    """End a multi-process worker: barrier, destroy the process group, flush, then os._exit. Gloo's worker
+    threads otherwise abort the interpreter at shutdown in a fraction of runs (INFRA.md). Call it once, after
+    all work (a Hydra -m sweep included); a single process just returns."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
