@@ -154,7 +154,7 @@ def train(config: Config, overrides: list[str]) -> Path:
     progress = None
     if accelerator.is_main_process:
         from tqdm.auto import tqdm
-        progress = tqdm(total=training.max_steps, initial=start, desc=name, dynamic_ncols=True)
+        progress = tqdm(total=training.max_steps, initial=start, desc=f"{config.name} seed={config.seed}", dynamic_ncols=True)
     last_log = time.perf_counter()
 
     for step in range(start, training.max_steps):

@@ -32,6 +32,7 @@ from normscale.fileio import atomic_path, file_lock, sha256_bytes, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MAX_STEPS_PER_SHARD = 4096  # small batches: a short run generates at most this many steps beyond its own
 
 
 class DataIntegrityError(NormscaleError, RuntimeError):
@@ -64,7 +65,7 @@ def plan_data(config: Config) -> DataPlan:
     shapes = batch_shapes(config.setting, task, training.batch_size)
     dtypes = {name: np.dtype(stored) for name, (stored, _) in BATCH_ARRAYS[config.setting].items()}
     bytes_per_step = sum(math.prod(shapes[n]) * dtypes[n].itemsize for n in shapes)
-    steps_per_shard = max(1, int(data.shard_mb * 2**20) // bytes_per_step)
+    steps_per_shard = min(MAX_STEPS_PER_SHARD, max(1, int(data.shard_mb * 2**20) // bytes_per_step))
     spec = {"format": FORMAT_VERSION, "setting": config.setting, "task_kwargs": dataclasses.asdict(task),
             "sigma2": task.sigma2, "seed": config.seed, "batch_size": training.batch_size,
             "eval_size": data.eval_size, "steps_per_shard": steps_per_shard}
