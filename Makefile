@@ -10,7 +10,7 @@ $(VENV)/.installed: setup.py tools/install.sh
 	touch $@
 
 demo: install
-	$(PY) -m normscale.data experiment=demo
+	$(PY) -m normscale.train experiment=demo logging.wandb=false
 
 test: install
 	$(PY) -m pytest tests

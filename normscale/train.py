@@ -25,7 +25,8 @@ from normscale.config import Config, run_name
 from normscale.data import load_eval_splits, open_train_batches, prepare_data
 from normscale.data.seeds import stream_seed
 from normscale.data.store import rank_rows, to_torch
-from normscale.dist.accel import check_replicas_identical, finish_process, load_resume, make_accelerator, save_checkpoint, save_resume
+from normscale.dist.accel import (check_replicas_identical, finish_process, load_resume, make_accelerator, prepare,
+                                  save_checkpoint, save_resume)
 from normscale.metrics import sequence_losses, task_metrics
 from normscale.model import build_model
 from normscale.model.mup import optimizer_groups
@@ -125,7 +126,7 @@ def train(config: Config, overrides: list[str]) -> Path:
                                   betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, training.warmup_steps, training.max_steps, training.lr_schedule))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare(accelerator, model, optimizer, scheduler)
     start = load_resume(accelerator, run_dir)
     if accelerator.is_main_process:
         truncate_metrics(run_dir, start)
@@ -211,6 +212,9 @@ def train(config: Config, overrides: list[str]) -> Path:
     check_replicas_identical(accelerator, model)
     if wandb_run:
         wandb_run.finish()
+    if done == training.max_steps:
+        summary = ", ".join(f"{s} {k} {v:.4f}" for s, r in results.items() for k, v in r.items())
+        accelerator.print(f"normscale: trained {done} steps; {summary}; checkpoints in {run_dir}")
     return run_dir
 
 
