@@ -241,3 +241,33 @@ def test_bad_model_kwargs_fail_before_training(tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not tmp_path.exists() or not list(tmp_path.rglob("checkpoint-*"))
 
+
+
+def test_wandb_runs_offline_without_a_key_and_a_resumed_run_continues_the_same_run(tmp_path, monkeypatch):
+    from conftest import compose_config
+    from normscale.train import init_wandb
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = compose_config(f"cache_dir={tmp_path}", "logging.wandb=true")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ids = []
+    for _ in range(2):  # the first start, then a resume of the same run directory
+        run = init_wandb(config, run_dir, "seed=0")
+        assert run.settings.mode == "offline"
+        ids.append(run.id)
+        run.finish()
+    other = tmp_path / "other"
+    other.mkdir()
+    run = init_wandb(config, other, "seed=0")
+    run.finish()
+    assert ids[0] == ids[1] != run.id
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{ids[0]}"))) == 2
+
+
+def test_a_sweep_over_hidden_sizes_trains_one_run_each(tmp_path):
+    train(tmp_path, "-m", "name=sweep", *QUICK, *URNS, "model_kwargs.hidden_size=16,32", "training_kwargs.max_steps=10",
+          "training_kwargs.warmup_steps=2", "training_kwargs.save_steps.schedule=end_only")
+    runs = sorted((tmp_path / "experiments/balls_and_urns/sweep/runs").iterdir())
+    assert [read_config(r).model_kwargs.hidden_size for r in runs] == [16, 32]
+    assert all(resume_step(r) == 10 for r in runs) and all("model_kwargs.hidden_size=" in r.name for r in runs)
