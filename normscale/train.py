@@ -121,7 +121,7 @@ def train(config: Config, overrides: list[str]) -> Path:
     torch.manual_seed(stream_seed(config.seed, "init"))
     model = build_model(config)
     if training.compile:
-        model = torch.compile(model)
+        model.compile()  # in place: parameter names (and so checkpoints) stay those of the plain model
     optimizer = torch.optim.AdamW(optimizer_groups(model, training.learning_rate, training.weight_decay),
                                   betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

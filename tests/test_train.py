@@ -271,3 +271,11 @@ def test_a_sweep_over_hidden_sizes_trains_one_run_each(tmp_path):
     runs = sorted((tmp_path / "experiments/balls_and_urns/sweep/runs").iterdir())
     assert [read_config(r).model_kwargs.hidden_size for r in runs] == [16, 32]
     assert all(resume_step(r) == 10 for r in runs) and all("model_kwargs.hidden_size=" in r.name for r in runs)
+
+
+def test_compiled_training_writes_checkpoints_of_the_plain_model(tmp_path):
+    train(tmp_path, "name=compiled", *QUICK, *URNS, "training_kwargs.compile=true", "training_kwargs.max_steps=4",
+          "training_kwargs.warmup_steps=1", "training_kwargs.save_steps.schedule=end_only")
+    run_dir = run_dir_of(tmp_path, "balls_and_urns", "compiled")
+    model = build_model(read_config(run_dir))
+    model.load_state_dict(final_weights(run_dir))  # strict: no "_orig_mod." prefixes
