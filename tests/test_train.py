@@ -279,3 +279,11 @@ def test_compiled_training_writes_checkpoints_of_the_plain_model(tmp_path):
     run_dir = run_dir_of(tmp_path, "balls_and_urns", "compiled")
     model = build_model(read_config(run_dir))
     model.load_state_dict(final_weights(run_dir))  # strict: no "_orig_mod." prefixes
+
+
+def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(tmp_path):
+    train(tmp_path, "name=bf16", *QUICK, *URNS, "training_kwargs.precision=bf16", "training_kwargs.max_steps=30",
+          "training_kwargs.log_every=10", "training_kwargs.warmup_steps=2", "training_kwargs.save_steps.schedule=end_only")
+    run_dir = run_dir_of(tmp_path, "balls_and_urns", "bf16")
+    losses = [r["loss"] for r in read_jsonl(run_dir / "train_metrics.jsonl")]
+    assert losses[-1] < losses[0] and all(t.dtype == torch.float32 for t in final_weights(run_dir).values())
