@@ -1,7 +1,8 @@
 """Accelerate glue: the Accelerator for this launch, collective checkpoint and resume saves, and a clean exit.
 
 DDP, FSDP or DeepSpeed is chosen by the accelerate config the job was launched with (launch/*.yaml); nothing in
-the training loop depends on which. Without CUDA the process group is gloo.
+the training loop depends on which: their specifics (the DeepSpeed config filled from the training config, FSDP's
+block classes, gathering full weights for checkpoints) live here. Without CUDA the process group is gloo.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from torch.distributed.tensor import DTensor
 
 from normscale.checkpoints import publish_resume, resume_staging, resume_step, write_checkpoint
-from normscale.config import Config
+from normscale.config import Config, NormscaleError
 from normscale.dist import process_info
 
 PRECISION = {"fp32": "no", "bf16": "bf16"}
@@ -28,11 +30,34 @@ def make_accelerator(config: Config) -> Accelerator:
     training = config.training_kwargs
     several_on_cpu = process_info().world_size > 1 and not torch.cuda.is_available()
     handlers = [InitProcessGroupKwargs(backend="gloo")] if several_on_cpu else []
+    if several_on_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        import deepspeed
+
+        # DeepSpeed's CPU backend otherwise JIT-compiles its shared-memory allreduce (~23 s, every run); gloo suffices
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     accelerator = Accelerator(mixed_precision=PRECISION[training.precision],
                               gradient_accumulation_steps=training.gradient_accumulation_steps,
                               step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise NormscaleError(f"{accelerator.num_processes} processes but accelerate set up no data parallelism "
+                             "(accelerate's FSDP needs GPUs): on CPU use launch/cpu.sh N (DDP) or launch/zero3.yaml")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, config, accelerator.num_processes)
     warn_if_cpu_launch_collapsed(accelerator)
     return accelerator
+
+
+def configure_deepspeed(ds_config: dict, config: Config, num_processes: int) -> None:
+    """Fill the DeepSpeed config from normscale's settings, so the launch file cannot contradict them: clipping,
+    accumulation, the per-process micro batch (no dataloader tells Accelerate), and full weights gathered for
+    checkpoints under ZeRO-3 (in the training dtype, despite the '16bit' in DeepSpeed's name)."""
+    training = config.training_kwargs
+    micro = training.batch_size // (num_processes * training.gradient_accumulation_steps)
+    ds_config.update(gradient_clipping=training.max_grad_norm,
+                     gradient_accumulation_steps=training.gradient_accumulation_steps,
+                     train_micro_batch_size_per_gpu=micro,
+                     train_batch_size=micro * num_processes * training.gradient_accumulation_steps)
+    ds_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def warn_if_cpu_launch_collapsed(accelerator: Accelerator, environ=os.environ) -> bool:
@@ -48,6 +73,41 @@ def warn_if_cpu_launch_collapsed(accelerator: Accelerator, environ=os.environ) -
 
 def uses_sharded_parameters(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def prepare(accelerator: Accelerator, model, optimizer, scheduler):
+    """accelerator.prepare, with FSDP wrapping only the block classes this model has (launch/fsdp.yaml names those
+    of every normscale model; accelerate rejects a name the model lacks); then each rank reports its share."""
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+    if plugin is not None and plugin.transformer_cls_names_to_wrap:
+        present = {type(m).__name__ for m in model.modules()}
+        plugin.transformer_cls_names_to_wrap = [n for n in plugin.transformer_cls_names_to_wrap if n in present]
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    report_sharding(accelerator, model)
+    return model, optimizer, scheduler
+
+
+def parameter_elements(model) -> tuple[int, int]:
+    """(elements of the parameters this rank holds, elements of the whole model): smaller under ZeRO-3 / FSDP."""
+    local = full = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):  # ZeRO-3: an empty placeholder; this rank's partition is ds_tensor
+            local, full = local + p.ds_tensor.numel(), full + p.ds_numel
+        elif isinstance(p, DTensor):  # FSDP2
+            local, full = local + p.to_local().numel(), full + p.numel()
+        else:
+            local, full = local + p.numel(), full + p.numel()
+    return local, full
+
+
+def report_sharding(accelerator: Accelerator, model) -> None:
+    """One line per rank of a multi-process run: how many parameter elements it holds of the model's total."""
+    if accelerator.num_processes == 1:
+        return
+    local, full = parameter_elements(model)
+    sharded = "sharded" if local < full else "replicated"
+    print(f"normscale: rank {accelerator.process_index}: parameters {sharded}, local {local} of {full} elements",
+          flush=True)
 
 
 def save_checkpoint(accelerator: Accelerator, model, run_dir: Path, step: int, meta: dict) -> None:
