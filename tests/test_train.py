@@ -287,3 +287,16 @@ def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(tmp_path):
     run_dir = run_dir_of(tmp_path, "balls_and_urns", "bf16")
     losses = [r["loss"] for r in read_jsonl(run_dir / "train_metrics.jsonl")]
     assert losses[-1] < losses[0] and all(t.dtype == torch.float32 for t in final_weights(run_dir).values())
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    args = [*QUICK, *URNS, "training_kwargs.max_steps=20", "training_kwargs.log_every=10", "training_kwargs.warmup_steps=2",
+            "training_kwargs.save_steps.schedule=end_only"]
+    train(tmp_path, "name=full", *args)
+    train(tmp_path, "name=accum", *args, "training_kwargs.gradient_accumulation_steps=2")
+    full, accum = run_dir_of(tmp_path, "balls_and_urns", "full"), run_dir_of(tmp_path, "balls_and_urns", "accum")
+    assert_same_weights(final_weights(accum), final_weights(full), exact=False)
+    assert [r["per_task_count"] for r in read_jsonl(accum / "train_metrics.jsonl")] == \
+        [r["per_task_count"] for r in read_jsonl(full / "train_metrics.jsonl")]
+    initial, final = load_checkpoint(full / "checkpoint-0")[0], final_weights(full)
+    assert any(not torch.equal(initial[k], final[k]) for k in final)  # training moved the weights
