@@ -18,3 +18,4 @@ test: install
 bench: install
 	$(PY) bench/bench_bayes.py
 	$(PY) bench/bench_shards.py
+	$(PY) bench/bench_train.py
