@@ -181,11 +181,12 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
     assert read_jsonl(run_dir / "eval_metrics.jsonl") == read_jsonl(uninterrupted / "eval_metrics.jsonl")
 
 
-def test_sigusr1_saves_resume_state_exits_cleanly_and_resumes(tmp_path, uninterrupted):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_preemption_signal_saves_resume_state_exits_cleanly_and_resumes(tmp_path, uninterrupted, signum):
     proc = start_training(tmp_path, "name=resume", *RESUME)
     run_dir = tmp_path / "experiments/balls_and_urns/resume/runs" / uninterrupted.name
     wait_until(lambda: len(read_jsonl(run_dir / "train_metrics.jsonl")) >= 3)  # past step 75
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     step = int(re.search(r"preempted; resume state saved at step (\d+)", out).group(1))
