@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from normscale.config import Config, ModelConfig, TaskConfig
 from normscale.data.priors import task_prior_weights
 from normscale.data.tasks import draw_tasks, sample_sequences
+from normscale.metrics import sequence_losses
 from normscale.model import build_model, optimizer_groups
 
 LAYER_ORDER = ("read-in", "attention", "mlp", "hidden", "final hidden", "logits")
@@ -35,14 +35,6 @@ def layer_type(name: str) -> str | None:
     if name.startswith("hidden."):
         return "hidden"
     return None
-
-
-def loss_fn(setting: str, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if setting == "balls_and_urns":
-        return F.cross_entropy(output.flatten(0, 1), batch["tokens"][:, 1:].flatten())
-    if setting == "linear_regression":
-        return F.mse_loss(output, batch["ys"])
-    return F.cross_entropy(output, batch["query_labels"])
 
 
 def batches(setting: str, task: TaskConfig, batch_size: int, steps: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -80,7 +72,7 @@ def coord_data(setting: str = "balls_and_urns", parametrization: str = "mup", wi
                  for name, module in net.named_modules() if (kind := layer_type(name))]
         for step, batch in enumerate(data):
             sizes.clear()
-            loss = loss_fn(setting, net(batch), batch)
+            loss = sequence_losses(setting, net(batch), batch).mean()
             rows += [{"parametrization": parametrization, "width": width, "step": step, "layer": kind,
                       "mean_abs": float(np.mean(values))} for kind, values in sizes.items()]
             if step < steps:
