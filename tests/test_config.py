@@ -26,7 +26,7 @@ def test_sqrt_schedule_deduplicates_and_appends_the_end():
 
 
 def test_linear_and_end_only_schedules():
-    assert checkpoint_schedule("linear_schedule", 1000, 5, 0 + 100) == [100, 325, 550, 775, 1000]
+    assert checkpoint_schedule("linear_schedule", 1000, 5, 100) == [100, 325, 550, 775, 1000]
     assert checkpoint_schedule("linear_schedule", 10, 4, 1) == [1, 4, 7, 10]
     assert checkpoint_schedule("end_only", 1234) == [1234]
 
