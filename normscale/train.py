@@ -22,9 +22,9 @@ import normscale
 from normscale.checkpoints import (EVAL_METRICS, TRAIN_METRICS, append_jsonl, resume_step, truncate_metrics,
                                    write_config)
 from normscale.config import Config, run_name
-from normscale.data import load_eval_splits, open_train_batches, prepare_data
+from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
 from normscale.data.seeds import stream_seed
-from normscale.data.store import rank_rows, to_torch
+from normscale.data.store import check_budget, rank_rows, to_torch
 from normscale.dist.accel import (check_replicas_identical, finish_process, load_resume, make_accelerator, prepare,
                                   save_checkpoint, save_resume)
 from normscale.metrics import sequence_losses, task_metrics
@@ -107,12 +107,13 @@ def train(config: Config, overrides: list[str]) -> Path:
     name = run_name(overrides, config.seed)
     run_dir = config.experiment_dir / "runs" / name
     training = config.training_kwargs
-    prepared = prepare_data(config)  # one process generates, the others wait on the lock and reuse
+    check_budget(config, plan_data(config))  # data problems surface before anything is written
     prepare_run_dir(config, run_dir, accelerator)
     done = resume_step(run_dir)
-    if done == training.max_steps:
+    if done == training.max_steps:  # a finished sweep point: skip before touching data
         accelerator.print(f"normscale: {run_dir} is complete ({done} steps); overwrite=true trains it again")
         return run_dir
+    prepared = prepare_data(config)  # one process generates, the others wait on the lock and reuse
     if accelerator.is_main_process:
         write_config(run_dir, config, overrides)
     accelerator.print(f"normscale: run {run_dir} on {world} process(es), {accelerator.distributed_type}, "

@@ -301,3 +301,10 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         [r["per_task_count"] for r in read_jsonl(full / "train_metrics.jsonl")]
     initial, final = load_checkpoint(full / "checkpoint-0")[0], final_weights(full)
     assert any(not torch.equal(initial[k], final[k]) for k in final)  # training moved the weights
+
+
+def test_data_over_budget_fails_before_a_run_directory_exists(tmp_path):
+    result = run_module("normscale.train", "name=big", "setting=linear_regression", "data_kwargs.max_storage_gb=0.001",
+                        "logging.wandb=false", env={"CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 2 and "data_kwargs.source=generate" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "experiments/linear_regression/big/runs").exists()
