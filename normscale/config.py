@@ -163,13 +163,20 @@ class EvalConfig:
     mode: str = "standard"
     batch_size: int = 128
     num_eval_batches: int = 16  # a prefix of the saved eval sets
-    return_all: bool = False
-    save_hidden_states: bool = False
+    return_all: bool = False  # also save predictions and labels of every evaluated sequence
+    save_hidden_states: bool = False  # also save the final hidden states on the fit subset
+    run: str | None = None  # evaluate only this run directory (its name under runs/); None: every run
+    fit_size: int = 256  # leading sequences of each split whose predictions are saved (float16) for the fit
+    sequences_per_task: int = 8  # single_task mode: sequences of each training task
+    strategy_loss_sequences: int = 10_000  # model=bayes: fresh ID sequences for L_s (median of 10 means)
 
     def check(self, key: str) -> None:
         _choice(f"{key}.mode", self.mode, EVAL_MODES)
         _at_least(f"{key}.batch_size", self.batch_size, 1)
         _at_least(f"{key}.num_eval_batches", self.num_eval_batches, 1)
+        _at_least(f"{key}.fit_size", self.fit_size, 0)
+        _at_least(f"{key}.sequences_per_task", self.sequences_per_task, 1)
+        _at_least(f"{key}.strategy_loss_sequences", self.strategy_loss_sequences, 10, " (10 groups for the median of means)")
 
 
 @dataclass(frozen=True)

@@ -65,3 +65,16 @@ def make_eval_splits(setting: str, task: TaskConfig, pools: dict[str, dict[str, 
         arrays |= {name: pool[source][ids] for name, source in SEQUENCE_TASK_PARAMS[setting].items()}
         splits[split] = arrays
     return splits
+
+
+def make_single_task_split(setting: str, task: TaskConfig, pools: dict[str, dict[str, np.ndarray]], per_task: int,
+                           seed: int) -> dict[str, np.ndarray]:
+    """`per_task` sequences of each of the D training tasks in turn (task k's rows are k*per_task ...), for
+    single_task evaluation; with its sequences' task parameters, like the other eval splits."""
+    pool = pools["train"]
+    D = len(next(iter(pool.values())))
+    dataset = MixtureDataset(setting, task, pool, task.prior, batch_size=per_task, seed=seed)
+    ids = torch.arange(D).repeat_interleave(per_task)
+    generator = torch_generator(seed, f"eval/single_task/{per_task}")
+    arrays = {k: v.numpy() for k, v in sample_sequences(setting, task, dataset.tasks, ids, generator, dataset.weights).items()}
+    return arrays | {name: pool[source][ids.numpy()] for name, source in SEQUENCE_TASK_PARAMS[setting].items()}

@@ -165,3 +165,27 @@ def finish_process(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def gather_indexed(accelerator: Accelerator, items: dict[int, object]) -> dict[int, object]:
+    """Union over ranks of {index: value} (values on CPU); every rank gets all of it. Indices must be disjoint."""
+    if accelerator.num_processes == 1:
+        return dict(items)
+    parts = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(parts, items)
+    merged = {}
+    for part in parts:
+        overlap = merged.keys() & part.keys()
+        if overlap:
+            raise NormscaleError(f"ranks returned the same items {sorted(overlap)[:5]}: the split is not disjoint")
+        merged |= part
+    return merged
+
+
+def broadcast_from_main(accelerator: Accelerator, obj):
+    """The main process's `obj` on every rank (a decision made once, e.g. which checkpoints still need work)."""
+    if accelerator.num_processes == 1:
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]

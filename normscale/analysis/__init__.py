@@ -1,0 +1,1 @@
+"""Analysis: the normative model of strategy selection (SPEC D) and the standard figures."""

@@ -1,0 +1,343 @@
+"""The normative model of strategy selection (SPEC D): a posterior over two strategies, fitted to checkpoints.
+
+After N training steps on D tasks a model is explained as the posterior mixture of two Bayes predictors, memorizing
+(M: the posterior over the D training tasks) and generalizing (G: the posterior under the task prior):
+
+    log p(s | N, D) = -ln2 * K_s(D)^beta - gamma * N^(1-alpha) * L_s(D) + const,    w_s = softmax_s(.)
+    h(N, D) = w_M A_M + (1 - w_M) A_G     (a mixture of probabilities for categorical outputs, of predictions for
+                                           regression)
+
+so w_M = sigmoid(z) with log-odds z = -ln2 (K_M^beta - K_G^beta) + gamma N^(1-alpha) (L_G - L_M); N = 0 gives
+N^(1-alpha) = 0 (the complexity term alone). w_M crosses 1/2 at the transition step
+
+    N*(D) = [ln2 (K_M^beta - K_G^beta) / (gamma (L_G - L_M))]^(1/(1-alpha)),  defined only when K_M > K_G and
+                                                                              L_G > L_M (NaN otherwise).
+
+L_s(D) is strategy s's in-distribution loss, computed elsewhere. K_s(D) is its description length in bits, defined
+here (`complexity_bits`): a program cost K0 = PROGRAM_BITS = 1024 bits, the same for both strategies, plus 32 bits
+(one float32) per number the strategy must store:
+  memorizing    the D tasks' parameters: balls_and_urns D*(V-1) free simplex coordinates; linear_regression D*d
+                weights; classification D*d exemplar coordinates plus D one-bit labels (32*D*d + D bits); and, for
+                a non-uniform task prior, its D-1 free weights (32*(D-1) bits);
+  generalizing  only its prior's hyperparameters: balls_and_urns the Dirichlet concentration (1 number);
+                linear_regression sigma^2 and tau^2 (2); classification the exemplar noise w (1).
+So K_M grows linearly in D and K_G does not depend on D.
+
+Fitting (`fit`): alpha in (0, 1), beta > 0 and gamma > 0 are optimised as (logit alpha, log beta, log gamma) by
+scipy's L-BFGS-B with analytic gradients, within BOUNDS, from INITIAL[setting] = (beta, alpha, gamma). The
+objective is the mean over (N, D) cells of the per-cell loss (`cell_loss`): for categorical outputs (T, M, G
+log-probabilities; balls_and_urns (n, C, V), classification (n, 2)) KL(T || h) over the last axis, averaged over
+the others; for regression (linear_regression (n, C) predictions) the mean squared error between T and h. Only the
+cells `split_cells` keeps are fitted (the first 80% of each D's checkpoints x the smallest 80% of the D values); the
+others are held out. Reported (`FitResult`): the fitted parameters, fit and held-out losses, the Pearson r between
+predicted and observed w_M on the held-out cells and on all cells, and N*(D) for every D.
+
+Public API: INITIAL, OUTPUT, PROGRAM_BITS, BOUNDS, complexity_bits, memorizing_weight, transition_step, Cell,
+predict, cell_loss, split_cells, fit, FitResult. All arithmetic is float64 whatever the inputs' dtype.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.optimize import minimize
+from scipy.special import expit, log_expit, logit
+
+LN2 = math.log(2.0)
+PROGRAM_BITS = 1024.0  # K0: the fixed program cost shared by both strategies
+FLOAT_BITS = 32.0  # one stored float32 number
+SETTINGS = ("balls_and_urns", "linear_regression", "classification")
+STRATEGIES = ("memorizing", "generalizing")
+OUTPUTS = ("categorical", "regression")
+OUTPUT = {"balls_and_urns": "categorical", "linear_regression": "regression", "classification": "categorical"}
+INITIAL: dict[str, tuple[float, float, float]] = {  # (beta, alpha, gamma)
+    "balls_and_urns": (0.2, 0.6, 0.85),
+    "linear_regression": (0.3, 0.65, 0.01),
+    "classification": (0.12, 0.8, 1.5),
+}
+BOUNDS = {"alpha": (1e-4, 1 - 1e-4), "beta": (1e-4, 2.0), "gamma": (1e-12, 1e12)}
+_HYPERPARAMETERS = {"balls_and_urns": 1, "linear_regression": 2, "classification": 1}
+
+
+def _check_setting(setting: str) -> None:
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}: expected one of {SETTINGS}")
+
+
+def _check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise ValueError(f"unknown output {output!r}: expected one of {OUTPUTS} (see OUTPUT[setting])")
+
+
+def _check_params(alpha: float, beta: float, gamma: float) -> None:
+    if not (0 < alpha < 1 and beta > 0 and gamma > 0):
+        raise ValueError(f"need 0 < alpha < 1, beta > 0, gamma > 0; got alpha={alpha}, beta={beta}, gamma={gamma}")
+
+
+def complexity_bits(setting: str, kind: str, num_tasks: int, num_dims: int, uniform_prior: bool = True) -> float:
+    """K_s(D) in bits (module docstring): PROGRAM_BITS plus 32 bits per stored number. num_dims is V (colours) for
+    balls_and_urns, d otherwise; uniform_prior=False adds the D-1 prior weights to the memorizing strategy."""
+    _check_setting(setting)
+    if kind not in STRATEGIES:
+        raise ValueError(f"unknown strategy kind {kind!r}: expected one of {STRATEGIES}")
+    if num_tasks < 1 or num_dims < (2 if setting == "balls_and_urns" else 1):
+        raise ValueError(f"need num_tasks >= 1 and num_dims >= 1 (V >= 2 colours for balls_and_urns); "
+                         f"got num_tasks={num_tasks}, num_dims={num_dims}")
+    if kind == "generalizing":
+        return PROGRAM_BITS + FLOAT_BITS * _HYPERPARAMETERS[setting]
+    D, d = num_tasks, num_dims
+    tasks = {"balls_and_urns": FLOAT_BITS * D * (d - 1), "linear_regression": FLOAT_BITS * D * d,
+             "classification": FLOAT_BITS * D * d + D}[setting]
+    prior = 0.0 if uniform_prior else FLOAT_BITS * (D - 1)
+    return PROGRAM_BITS + tasks + prior
+
+
+def _log_odds(N: ArrayLike, K_M: ArrayLike, K_G: ArrayLike, L_M: ArrayLike, L_G: ArrayLike,
+              alpha: float, beta: float, gamma: float) -> np.ndarray:
+    """z = log w_M - log w_G, broadcast over all array arguments."""
+    N = np.asarray(N, np.float64)
+    if np.any(N < 0):
+        raise ValueError("training steps N must be >= 0")
+    K_M, K_G = np.asarray(K_M, np.float64), np.asarray(K_G, np.float64)
+    return -LN2 * (K_M**beta - K_G**beta) + gamma * N ** (1 - alpha) * (np.asarray(L_G, np.float64) - L_M)
+
+
+def memorizing_weight(N: ArrayLike, K_M: ArrayLike, K_G: ArrayLike, L_M: ArrayLike, L_G: ArrayLike,
+                      alpha: float, beta: float, gamma: float) -> np.ndarray:
+    """Posterior weight w_M of the memorizing strategy (the sigmoid of the log-odds), broadcast over N and the
+    per-D arrays K_M, K_G, L_M, L_G."""
+    _check_params(alpha, beta, gamma)
+    return expit(_log_odds(N, K_M, K_G, L_M, L_G, alpha, beta, gamma))
+
+
+def transition_step(K_M: float, K_G: float, L_M: float, L_G: float, alpha: float, beta: float, gamma: float) -> float:
+    """N*: the step where w_M = 1/2; NaN unless K_M > K_G and L_G > L_M (no crossing otherwise)."""
+    _check_params(alpha, beta, gamma)
+    if not (K_M > K_G and L_G > L_M):
+        return math.nan
+    return float((LN2 * (K_M**beta - K_G**beta) / (gamma * (L_G - L_M))) ** (1 / (1 - alpha)))
+
+
+@dataclass
+class Cell:
+    """One (D, checkpoint) cell. T, M, G: the model's and the memorizing and generalizing Bayes predictors' outputs
+    on the same fit sequences, of one shape (log-probabilities over the last axis for categorical outputs,
+    predictions for regression). K_M, K_G: complexities in bits; L_M, L_G: in-distribution losses (per D).
+    observed_w_M: w_M measured elsewhere (SPEC C's distances), NaN if unknown; used only for the Pearson r."""
+    D: int
+    step: int
+    T: np.ndarray
+    M: np.ndarray
+    G: np.ndarray
+    K_M: float
+    K_G: float
+    L_M: float
+    L_G: float
+    observed_w_M: float = math.nan
+
+
+def _check_cell(cell: Cell, output: str) -> None:
+    where = f"cell D={cell.D} step={cell.step}"
+    shapes = {np.shape(cell.T), np.shape(cell.M), np.shape(cell.G)}
+    if len(shapes) != 1:
+        raise ValueError(f"{where}: T, M, G must share one shape; got {np.shape(cell.T)}, {np.shape(cell.M)}, "
+                         f"{np.shape(cell.G)}")
+    shape = shapes.pop()
+    if output == "categorical" and (len(shape) < 2 or shape[-1] < 2):
+        raise ValueError(f"{where}: categorical outputs need shape (..., classes >= 2); got {shape}")
+    if not all(np.all(np.isfinite(a)) for a in (cell.T, cell.M, cell.G)):
+        raise ValueError(f"{where}: T, M, G must be finite (clip log-probabilities, e.g. np.maximum(x, -1e4))")
+    if cell.step < 0 or not np.all(np.isfinite([cell.K_M, cell.K_G, cell.L_M, cell.L_G])):
+        raise ValueError(f"{where}: need step >= 0 and finite K_M, K_G, L_M, L_G")
+
+
+def _cell_log_odds(cell: Cell, alpha: float, beta: float, gamma: float) -> float:
+    return float(_log_odds(cell.step, cell.K_M, cell.K_G, cell.L_M, cell.L_G, alpha, beta, gamma))
+
+
+def predict(cell: Cell, alpha: float, beta: float, gamma: float, output: str) -> np.ndarray:
+    """The model's predicted output h (float64, the shape of cell.M): for output "categorical" the log of the
+    mixture of probabilities, log(w_M exp(M) + (1 - w_M) exp(G)); for "regression" w_M M + (1 - w_M) G."""
+    _check_output(output)
+    _check_params(alpha, beta, gamma)
+    z = _cell_log_odds(cell, alpha, beta, gamma)
+    M, G = np.asarray(cell.M, np.float64), np.asarray(cell.G, np.float64)
+    if output == "categorical":
+        return np.logaddexp(log_expit(z) + M, log_expit(-z) + G)
+    w = expit(z)
+    return w * M + (1 - w) * G
+
+
+def cell_loss(cell: Cell, h: np.ndarray, output: str) -> float:
+    """Loss of prediction h against the model's output cell.T: "categorical" the mean over positions of
+    KL(T || h) over the last axis (both log-probabilities); "regression" the mean squared error."""
+    _check_output(output)
+    T, h = np.asarray(cell.T, np.float64), np.asarray(h, np.float64)
+    if T.shape != h.shape:
+        raise ValueError(f"prediction shape {h.shape} differs from the model's output shape {T.shape}")
+    if output == "categorical":
+        return float(np.mean(np.sum(np.exp(T) * (T - h), axis=-1)))
+    return float(np.mean((T - h) ** 2))
+
+
+def _num_kept(n: int, fraction: float) -> int:
+    return math.ceil(round(fraction * n, 9))  # the rounding keeps e.g. 0.8 * 15 at 12, not 13
+
+
+def split_cells(cells: Sequence[Cell], fraction: float = 0.8) -> tuple[list[Cell], list[Cell]]:
+    """(fit cells, held-out cells), each in input order. A cell is fitted iff its D is among the smallest
+    ceil(fraction * n_D) distinct D values AND its step is among the first ceil(fraction * n_steps) distinct steps
+    of its D (sorted by step); every other cell is held out."""
+    is_fit = _fit_mask(cells, fraction)
+    return [c for c, f in zip(cells, is_fit) if f], [c for c, f in zip(cells, is_fit) if not f]
+
+
+def _fit_mask(cells: Sequence[Cell], fraction: float) -> np.ndarray:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+    Ds = sorted({c.D for c in cells})
+    fit_Ds = set(Ds[:_num_kept(len(Ds), fraction)])
+    steps: dict[int, set[int]] = {D: set() for D in Ds}
+    for c in cells:
+        steps[c.D].add(c.step)
+    first = {D: set(sorted(s)[:_num_kept(len(s), fraction)]) for D, s in steps.items()}
+    return np.array([c.D in fit_Ds and c.step in first[c.D] for c in cells], bool)
+
+
+class _Objective:
+    """Mean cell loss over cells, and its gradient, as a function of u = (logit alpha, log beta, log gamma).
+
+    Per cell the loss depends on its log-odds z alone (w = sigmoid z). Precomputed per cell, categorical: p = exp(T)
+    and Delta = M - G, flattened, with log h = G + g, g = log(1 - w + w exp(Delta)), so that
+    loss = c - p.g / P and dloss/dz = w S - p.sigmoid(z + Delta) / P, where c = p.(T - G) / P, S = sum(p) / P and
+    P is the number of positions. Regression: loss = a - 2 w b + w^2 c with a, b, c the means of (T - G)^2,
+    (T - G)(M - G) and (M - G)^2 (so no arrays are kept)."""
+
+    def __init__(self, cells: Sequence[Cell], output: str):
+        self.output = output
+        self.N = np.array([c.step for c in cells], np.float64)
+        self.log_N = np.log(np.where(self.N > 0, self.N, 1.0))  # N^(1-alpha) ln N -> 0 at N = 0
+        self.K_M, self.K_G = (np.array([getattr(c, k) for c in cells], np.float64) for k in ("K_M", "K_G"))
+        self.dL = np.array([c.L_G - c.L_M for c in cells], np.float64)
+        self.p, self.delta, coef = [], [], []
+        for cell in cells:
+            T, M, G = (np.asarray(a, np.float64).ravel() for a in (cell.T, cell.M, cell.G))
+            if output == "categorical":
+                p, P = np.exp(T), T.size / np.shape(cell.T)[-1]
+                self.p.append(p)
+                self.delta.append(M - G)
+                coef.append((p @ (T - G) / P, p.sum() / P, P))
+            else:
+                e, f = T - G, M - G
+                coef.append((e @ e / e.size, e @ f / e.size, f @ f / e.size))
+        self.coef = np.array(coef, np.float64).reshape(len(cells), 3)
+
+    def cell_losses(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each cell's loss and its derivative in z."""
+        w = expit(z)
+        if self.output == "regression":
+            a, b, c = self.coef.T
+            return a - 2 * w * b + w**2 * c, 2 * (w * c - b) * w * (1 - w)
+        losses, slopes = np.empty_like(z), np.empty_like(z)
+        for i, (p, delta, (c, S, P)) in enumerate(zip(self.p, self.delta, self.coef)):
+            g = np.logaddexp(log_expit(-z[i]), log_expit(z[i]) + delta)
+            losses[i] = c - p @ g / P
+            slopes[i] = w[i] * S - p @ expit(z[i] + delta) / P
+        return losses, slopes
+
+    def __call__(self, u: np.ndarray) -> tuple[float, np.ndarray]:
+        alpha, beta, gamma = expit(u[0]), math.exp(u[1]), math.exp(u[2])
+        KM_b, KG_b, N_a = self.K_M**beta, self.K_G**beta, self.N ** (1 - alpha)
+        z = -LN2 * (KM_b - KG_b) + gamma * N_a * self.dL
+        dz = np.stack([-gamma * N_a * self.log_N * self.dL * alpha * (1 - alpha),  # d/d logit(alpha)
+                       -LN2 * (KM_b * np.log(self.K_M) - KG_b * np.log(self.K_G)) * beta,  # d/d log(beta)
+                       gamma * N_a * self.dL])  # d/d log(gamma)
+        losses, slopes = self.cell_losses(z)
+        return float(losses.mean()), dz @ slopes / len(z)
+
+
+@dataclass
+class FitResult:
+    """A fit of (alpha, beta, gamma) to one setting's cells; NaN where a quantity is undefined (no held-out cells,
+    fewer than two observed w_M, no transition)."""
+    setting: str
+    alpha: float
+    beta: float
+    gamma: float
+    fit_loss: float
+    held_out_loss: float
+    pearson_r_held_out: float
+    pearson_r_all: float
+    n_fit_cells: int
+    n_held_out_cells: int
+    converged: bool
+    message: str
+    transition_steps: dict[int, float]  # D -> N*(D)
+
+    def to_json_dict(self) -> dict:
+        """A strictly JSON-serialisable dict: NaN -> None, D keys as strings."""
+        def clean(x):
+            return None if isinstance(x, float) and math.isnan(x) else x
+        d = {k: clean(v) for k, v in asdict(self).items()}
+        d["transition_steps"] = {str(D): clean(n) for D, n in self.transition_steps.items()}
+        return d
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _per_D_constants(cells: Sequence[Cell]) -> dict[int, tuple[float, float, float, float]]:
+    """(K_M, K_G, L_M, L_G) of each D, checked to agree across its cells."""
+    out: dict[int, tuple[float, float, float, float]] = {}
+    for c in cells:
+        values = (float(c.K_M), float(c.K_G), float(c.L_M), float(c.L_G))
+        first = out.setdefault(c.D, values)
+        if not np.allclose(values, first, rtol=1e-9, atol=0):
+            raise ValueError(f"cells of D={c.D} disagree on (K_M, K_G, L_M, L_G): {first} vs {values}; "
+                             f"these are per-D quantities and must be the same for every checkpoint")
+    return out
+
+
+def fit(cells: Sequence[Cell], setting: str, init: tuple[float, float, float] | None = None,
+        fraction: float = 0.8) -> FitResult:
+    """Fit (alpha, beta, gamma) to the cells `split_cells(cells, fraction)` keeps, from init = (beta, alpha, gamma)
+    (default INITIAL[setting]); evaluate on the held-out cells and on all cells."""
+    _check_setting(setting)
+    output = OUTPUT[setting]
+    cells = list(cells)
+    for c in cells:
+        _check_cell(c, output)
+    per_D = _per_D_constants(cells)
+    beta0, alpha0, gamma0 = INITIAL[setting] if init is None else init
+    _check_params(alpha0, beta0, gamma0)
+    is_fit = _fit_mask(cells, fraction)
+    fit_cells = [c for c, f in zip(cells, is_fit) if f]
+    held_out = [c for c, f in zip(cells, is_fit) if not f]
+    if not fit_cells:
+        raise ValueError("no cells to fit: pass at least one cell")
+
+    bounds = [tuple(logit(BOUNDS["alpha"])), tuple(np.log(BOUNDS["beta"])), tuple(np.log(BOUNDS["gamma"]))]
+    u0 = np.clip([logit(alpha0), math.log(beta0), math.log(gamma0)], *np.array(bounds).T)
+    res = minimize(_Objective(fit_cells, output), u0, jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
+    alpha, beta, gamma = float(expit(res.x[0])), math.exp(res.x[1]), math.exp(res.x[2])
+
+    held_out_loss = (float(np.mean([cell_loss(c, predict(c, alpha, beta, gamma, output), output) for c in held_out]))
+                     if held_out else math.nan)
+    w_pred = memorizing_weight([c.step for c in cells], [c.K_M for c in cells], [c.K_G for c in cells],
+                               [c.L_M for c in cells], [c.L_G for c in cells], alpha, beta, gamma)
+    w_obs = np.array([c.observed_w_M for c in cells], np.float64)
+    return FitResult(
+        setting=setting, alpha=alpha, beta=beta, gamma=gamma, fit_loss=float(res.fun), held_out_loss=held_out_loss,
+        pearson_r_held_out=_pearson(w_pred[~is_fit], w_obs[~is_fit]), pearson_r_all=_pearson(w_pred, w_obs),
+        n_fit_cells=len(fit_cells), n_held_out_cells=len(held_out), converged=bool(res.success),
+        message=str(res.message),
+        transition_steps={D: transition_step(*per_D[D], alpha, beta, gamma) for D in sorted(per_D)})

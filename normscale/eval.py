@@ -1,0 +1,313 @@
+"""Evaluate models on an experiment's saved eval sets: `python -m normscale.eval <overrides>` (also `-m`, and under
+`accelerate launch`, where ranks split the eval batches and gather the results).
+
+  model=transformer | mlp | hf_gpt_neox (the default)   every checkpoint of every trained run of the experiment
+      (or the one run `eval_kwargs.run=<run directory name>`); results beside each checkpoint
+  model=bayes model_kwargs.kind=memorizing | generalizing | const   the Bayes predictor as a model, on every dataset
+      the experiment's runs were trained on (or the config's own dataset when nothing is trained yet), its results in
+      runs/bayes-<kind>/<dataset>/, with the strategy loss L_s of SPEC D
+
+A trained model, a Bayes predictor and (later) an LLM go through the same `ModelEvaluator` on the same saved
+sequences, compared with M and G on exactly those sequences (SPEC C). Results go to `metrics.pt`
+(`metrics-single_task.pt` in single_task mode), written atomically, loadable with torch.load(..., weights_only=True):
+
+  format, setting, model, kind, run, step (None for single-shot models), mode, data_dir, data_key, eval_kwargs,
+  checkpoint_meta (step, sequences and tokens seen), eval_hashes {split: content hash},
+  splits: {split: {scalars {name: float}, per_position {name: (P,) float32}, num_sequences,
+                   batches_by_rank {rank: [batch indices]}, fit_predictions (fit_size, ...) float16,
+                   [per_task {task_ids, name: (D,)}  (single_task mode)]}},
+  [predictions, labels {split: tensor}  (eval_kwargs.return_all)], [hidden_states {split: float16}],
+  [strategy_loss {median_of_means, group_means, num_sequences, measure}  (Bayes predictors)]
+
+Scalars: loss and the task metric (urns nll `loss` and `kl`; regression `loss` = MSE and `mse_per_dim`;
+classification `loss` = CE and `accuracy`), d_M, d_G, d_MG, r, w_M, interp_distance (normscale.metrics.summarize).
+Existing results are skipped unless overwrite=true.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from normscale.checkpoints import CONFIG_FILE, list_checkpoints, load_checkpoint, read_config, write_config
+from normscale.config import Config, NormscaleError
+from normscale.data import load_eval_splits, load_single_task_split, load_task_pools, plan_data, prepare_data
+from normscale.data.dataset import SEQUENCE_TASK_PARAMS, MixtureDataset
+from normscale.data.priors import task_prior_weights
+from normscale.data.store import read_manifest, to_torch
+from normscale.dist.accel import broadcast_from_main, finish_process, gather_indexed, make_accelerator
+from normscale.fileio import atomic_path
+from normscale.metrics import as_predictions, pointwise, summarize
+from normscale.model import TRAINABLE, build_bayes, build_model
+
+FORMAT = 1
+METRICS_FILES = {"standard": "metrics.pt", "single_task": "metrics-single_task.pt"}
+REFERENCE_KINDS = ("memorizing", "generalizing")
+STRATEGY_LOSS_GROUPS = 10
+SINGLE_SHOT_PREFIXES = ("bayes-", "llm-")
+
+
+class ModelEvaluator:
+    """Scores models on one dataset's saved eval sets (standard: the ID/OOD(/IWL) splits, a prefix of
+    num_eval_batches x batch_size sequences; single_task: sequences_per_task of every training task), batch by batch,
+    against the memorizing and generalizing predictors on the same sequences (computed once, then reused)."""
+
+    def __init__(self, config: Config, accelerator=None):
+        self.config, self.accelerator = config, accelerator
+        self.rank, self.world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        self.device = accelerator.device if accelerator else torch.device("cpu")
+        ev, setting = config.eval_kwargs, config.setting
+        plan = plan_data(config)
+        self.directory, self.data_key = plan.directory, plan.key
+        if read_manifest(plan.directory) is None:
+            raise NormscaleError(f"no data in {plan.directory}: train the run first, or generate its data with "
+                                 f"`python -m normscale.data` and the run's overrides")
+        if ev.mode == "standard":
+            n = ev.batch_size * ev.num_eval_batches
+            arrays = {s: {k: v[:n] for k, v in a.items()} for s, a in load_eval_splits(plan.directory).items()}
+        else:
+            arrays = {"single_task": load_single_task_split(config, ev.sequences_per_task)}
+        self.splits = {s: to_torch(a, setting) for s, a in arrays.items()}
+        pools = load_task_pools(plan.directory)
+        self.train_tasks = pools["train"]
+        self.log_prior = torch.from_numpy(np.log(task_prior_weights(
+            config.task_kwargs.prior, config.task_kwargs.num_tasks, config.task_kwargs.prior_exponent)))
+        self._references: dict[str, dict[str, torch.Tensor]] = {}
+
+    def predictor(self, kind: str) -> torch.nn.Module:
+        return build_bayes(self.config.setting, kind, self.config.task_kwargs, self.train_tasks, self.log_prior)
+
+    def references(self, split: str) -> dict[str, torch.Tensor]:
+        """M's and G's predictions on a split (computed on first use, split across ranks like any model)."""
+        if split not in self._references:
+            self._references[split] = {kind: self.predict(self.predictor(kind), split)[0] for kind in REFERENCE_KINDS}
+        return self._references[split]
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, split: str) -> tuple[torch.Tensor, dict[int, list[int]]]:
+        """(N, ...) float32 predictions of `model` on a split, on CPU: rank r scores batches r, r + world, ...; the
+        results are gathered in batch order. Also {rank: batch indices it scored}."""
+        arrays, size = self.splits[split], self.config.eval_kwargs.batch_size
+        total = len(next(iter(arrays.values())))
+        count = math.ceil(total / size)
+        model = model.to(self.device).eval()
+        mine = {}
+        for b in range(self.rank, count, self.world):
+            batch = {k: v[b * size:(b + 1) * size].to(self.device) for k, v in arrays.items()}
+            mine[b] = as_predictions(self.config.setting, model(batch), self.config.task_kwargs.num_dims).cpu()
+        parts = gather_indexed(self.accelerator, {b: (self.rank, p) for b, p in mine.items()}) \
+            if self.accelerator else {b: (0, p) for b, p in mine.items()}
+        if sorted(parts) != list(range(count)):
+            raise NormscaleError(f"gathered eval batches {sorted(parts)} of {count}: some are missing")
+        by_rank = {}
+        for b in range(count):
+            by_rank.setdefault(parts[b][0], []).append(b)
+        return torch.cat([parts[b][1] for b in range(count)]), by_rank
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        """Every split: SPEC C scalars and per-position arrays, the fit subset's predictions, and what
+        eval_kwargs asks for besides (per-task metrics in single_task mode, predictions and labels, hidden states)."""
+        ev, setting = self.config.eval_kwargs, self.config.setting
+        results = {"splits": {}}
+        for split, arrays in self.splits.items():
+            predictions, by_rank = self.predict(model, split)
+            refs = self.references(split)
+            summary = summarize(setting, predictions, refs["memorizing"], refs["generalizing"], arrays)
+            summary |= {"num_sequences": len(predictions), "batches_by_rank": by_rank,
+                        "fit_predictions": predictions[:ev.fit_size].half()}
+            if ev.mode == "single_task":
+                summary["per_task"] = self._per_task(predictions, refs, arrays)
+            results["splits"][split] = summary
+            if ev.return_all:
+                results.setdefault("predictions", {})[split] = predictions
+                results.setdefault("labels", {})[split] = labels(setting, arrays)
+            if ev.save_hidden_states:
+                results.setdefault("hidden_states", {})[split] = self._hidden_states(model, arrays)
+        return results
+
+    def _per_task(self, predictions: torch.Tensor, refs: dict, arrays: dict) -> dict[str, torch.Tensor]:
+        """Scalars of each training task over its own sequences (rows k*n ... (k+1)*n - 1), as (D,) arrays."""
+        n, D = self.config.eval_kwargs.sequences_per_task, self.config.task_kwargs.num_tasks
+        per_task = {"task_ids": torch.arange(D)}
+        for k in range(D):
+            rows = slice(k * n, (k + 1) * n)
+            scalars = summarize(self.config.setting, predictions[rows], refs["memorizing"][rows],
+                                refs["generalizing"][rows], {a: v[rows] for a, v in arrays.items()})["scalars"]
+            for name, value in scalars.items():
+                per_task.setdefault(name, torch.empty(D, dtype=torch.float64))[k] = value
+        if not torch.equal(arrays["task_ids"][::n].long(), per_task["task_ids"]):
+            raise NormscaleError("single_task rows are not grouped by task: regenerate the single_task file")
+        return per_task
+
+    @torch.no_grad()
+    def _hidden_states(self, model: torch.nn.Module, arrays: dict) -> torch.Tensor:
+        if not hasattr(model, "hidden_states"):
+            raise NormscaleError(f"eval_kwargs.save_hidden_states=true: {type(model).__name__} has no hidden states; "
+                                 "use it with model=transformer, or set it false")
+        batch = {k: v[:self.config.eval_kwargs.fit_size].to(self.device) for k, v in arrays.items()}
+        return model.hidden_states(batch).half().cpu()
+
+    @torch.no_grad()
+    def strategy_loss(self, predictor: torch.nn.Module) -> dict:
+        """SPEC D's L_s: the in-distribution loss of a predictor, median of the means of 10 groups of fresh
+        sequences from the D training tasks (urns KL(theta||q), regression (y - y^)^2 / (2 sigma^2), classification
+        CE), each group from its own named stream; groups are split across ranks."""
+        config, setting = self.config, self.config.setting
+        size = config.eval_kwargs.strategy_loss_sequences // STRATEGY_LOSS_GROUPS
+        dataset = MixtureDataset(setting, config.task_kwargs, self.train_tasks, config.task_kwargs.prior,
+                                 batch_size=size, seed=config.seed)
+        predictor = predictor.to(self.device)
+        means = {}
+        for g in range(self.rank, STRATEGY_LOSS_GROUPS, self.world):
+            batch = dataset.sample(size, f"strategy_loss/{g}", exclude_query=False)
+            ids = batch["task_ids"].numpy()
+            batch |= {name: torch.from_numpy(self.train_tasks[source][ids])
+                      for name, source in SEQUENCE_TASK_PARAMS[setting].items()}
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            per = pointwise(setting, as_predictions(setting, predictor(batch), config.task_kwargs.num_dims), batch)
+            loss = {"balls_and_urns": per["kl"], "classification": per["loss"],
+                    "linear_regression": per["loss"] / (2 * config.task_kwargs.sigma2)}[setting]
+            means[g] = loss.double().mean().item()
+        if self.accelerator:
+            means = gather_indexed(self.accelerator, means)
+        group_means = [means[g] for g in range(STRATEGY_LOSS_GROUPS)]
+        measure = {"balls_and_urns": "kl", "linear_regression": "squared_error/(2 sigma2)", "classification": "ce"}
+        return {"median_of_means": float(np.median(group_means)), "group_means": group_means,
+                "num_sequences": size * STRATEGY_LOSS_GROUPS, "measure": measure[setting]}
+
+    def header(self) -> dict:
+        manifest = read_manifest(self.directory)
+        return {"format": FORMAT, "setting": self.config.setting, "mode": self.config.eval_kwargs.mode,
+                "data_dir": self.directory.name, "data_key": self.data_key,
+                "eval_hashes": {name: entry["sha256"] for name, entry in manifest["files"].items()
+                                if not name.startswith("train/")},
+                "eval_kwargs": dataclasses.asdict(self.config.eval_kwargs)}
+
+
+def labels(setting: str, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+    return {"balls_and_urns": lambda: arrays["tokens"][:, 1:], "linear_regression": lambda: arrays["ys"],
+            "classification": lambda: arrays["query_labels"]}[setting]()
+
+
+def save_metrics(path: Path, results: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(results, tmp)
+
+
+def load_metrics(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def trained_runs(config: Config) -> list[Path]:
+    """Run directories of the experiment holding a trained model (a saved config), sorted by name; only
+    eval_kwargs.run when it is set."""
+    runs_dir = config.experiment_dir / "runs"
+    runs = sorted(p for p in runs_dir.glob("*") if (p / CONFIG_FILE).exists()
+                  and not p.name.startswith(SINGLE_SHOT_PREFIXES)) if runs_dir.exists() else []
+    wanted = config.eval_kwargs.run
+    if wanted is None:
+        return runs
+    chosen = [p for p in runs if p.name == wanted]
+    if not chosen:
+        names = ", ".join(p.name for p in runs) or "none"
+        raise NormscaleError(f"eval_kwargs.run={wanted!r} is not a trained run of {runs_dir}; runs: {names}")
+    return chosen
+
+
+def with_eval_kwargs(run_config: Config, config: Config, **changes) -> Config:
+    """A run's own config (task, data, model) with the evaluation settings of this command."""
+    combined = dataclasses.replace(run_config, eval_kwargs=config.eval_kwargs, overwrite=config.overwrite, **changes)
+    combined.check()
+    return combined
+
+
+def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
+    runs = trained_runs(config)
+    if not runs:
+        raise NormscaleError(f"no trained runs in {config.experiment_dir / 'runs'}: train first "
+                             f"(python -m normscale.train name={config.name} ...), or evaluate a Bayes predictor "
+                             "with model=bayes")
+    filename = METRICS_FILES[config.eval_kwargs.mode]
+    todo = None
+    if accelerator.is_main_process:  # decided once: checkpoints may appear while a run is still training
+        todo = [(run, step) for run in runs for step, path in list_checkpoints(run)
+                if config.overwrite or not (path / filename).exists()]
+    todo = broadcast_from_main(accelerator, todo)
+    accelerator.print(f"normscale: evaluating {len(todo)} checkpoint(s) of {len(runs)} run(s) "
+                      f"({config.eval_kwargs.mode} mode)")
+    evaluator, written = None, []
+    for run, step in todo:
+        run_config = with_eval_kwargs(read_config(run), config)
+        if evaluator is None or evaluator.directory != plan_data(run_config).directory:
+            evaluator = ModelEvaluator(run_config, accelerator)
+        weights, meta = load_checkpoint(run / f"checkpoint-{step}")
+        model = build_model(run_config)
+        model.load_state_dict(weights)
+        results = evaluator.evaluate(model)
+        path = run / f"checkpoint-{step}" / filename
+        if accelerator.is_main_process:
+            save_metrics(path, {**evaluator.header(), "model": run_config.model, "kind": None, "run": run.name,
+                                "step": step, "checkpoint_meta": meta, **results})
+            id_split = results["splits"].get("id") or results["splits"]["single_task"]
+            accelerator.print(f"normscale: {run.name} step {step}: loss {id_split['scalars']['loss']:.4f}, "
+                              f"w_M {id_split['scalars']['w_M']:.3f} -> {path}")
+        written.append(path)
+    accelerator.wait_for_everyone()
+    return written
+
+
+def evaluate_bayes(config: Config, accelerator) -> list[Path]:
+    kind = config.model_kwargs.kind
+    sources = [read_config(run) for run in trained_runs(config)] or [config]
+    datasets: dict[Path, Config] = {}
+    for source in sources:
+        datasets.setdefault(plan_data(source).directory, source)
+    filename = METRICS_FILES[config.eval_kwargs.mode]
+    written = []
+    for directory, source in sorted(datasets.items()):
+        bayes_config = with_eval_kwargs(source, config, model="bayes",
+                                        model_kwargs=dataclasses.replace(source.model_kwargs, kind=kind))
+        out = config.experiment_dir / "runs" / f"bayes-{kind}" / directory.name
+        if (out / filename).exists() and not config.overwrite:
+            accelerator.print(f"normscale: {out / filename} exists; overwrite=true evaluates it again")
+            continue
+        if accelerator.is_main_process:
+            prepare_data(bayes_config, train_shards=False)
+        accelerator.wait_for_everyone()
+        evaluator = ModelEvaluator(bayes_config, accelerator)
+        predictor = evaluator.predictor(kind)
+        results = evaluator.evaluate(predictor)
+        results["strategy_loss"] = evaluator.strategy_loss(predictor)
+        if accelerator.is_main_process:
+            write_config(out, bayes_config, ["model=bayes", f"model_kwargs.kind={kind}"])
+            save_metrics(out / filename, {**evaluator.header(), "model": "bayes", "kind": kind,
+                                          "run": f"bayes-{kind}/{directory.name}", "step": None,
+                                          "checkpoint_meta": None, **results})
+            accelerator.print(f"normscale: bayes {kind} on {directory.name}: L_s "
+                              f"{results['strategy_loss']['median_of_means']:.4f} -> {out / filename}")
+        written.append(out / filename)
+    accelerator.wait_for_everyone()
+    return written
+
+
+def evaluate(config: Config) -> list[Path]:
+    accelerator = make_accelerator(config)
+    if config.model == "bayes":
+        return evaluate_bayes(config, accelerator)
+    if config.model in TRAINABLE:
+        return evaluate_checkpoints(config, accelerator)
+    raise NormscaleError(f"model={config.model!r} cannot be evaluated; choose one of: {', '.join(TRAINABLE)}, bayes")
+
+
+def main() -> None:
+    from normscale.cli import hydra_main
+
+    hydra_main(evaluate)
+    finish_process()
+
+
+if __name__ == "__main__":
+    main()
