@@ -210,9 +210,9 @@ def _fit_mask(cells: Sequence[Cell], fraction: float) -> np.ndarray:
 class _Objective:
     """Mean cell loss over cells, and its gradient, as a function of u = (logit alpha, log beta, log gamma).
 
-    Per cell the loss depends on its log-odds z alone (w = sigmoid z). Precomputed per cell, categorical: p = exp(T)
-    and Delta = M - G, flattened, with log h = G + g, g = log(1 - w + w exp(Delta)), so that
-    loss = c - p.g / P and dloss/dz = w S - p.sigmoid(z + Delta) / P, where c = p.(T - G) / P, S = sum(p) / P and
+    Per cell the loss depends on its log-odds z alone (w = sigmoid z). Categorical: with E = expm1(M - G) and
+    p = exp(T) precomputed and flattened, log h = G + log q, q = (1 - w) + w (1 + E) (both terms computed without
+    cancellation), so loss = c - p.log(q) / P and dloss/dz = -w (1 - w) p.(E / q) / P, where c = p.(T - G) / P and
     P is the number of positions. Regression: loss = a - 2 w b + w^2 c with a, b, c the means of (T - G)^2,
     (T - G)(M - G) and (M - G)^2 (so no arrays are kept)."""
 
@@ -222,14 +222,17 @@ class _Objective:
         self.log_N = np.log(np.where(self.N > 0, self.N, 1.0))  # N^(1-alpha) ln N -> 0 at N = 0
         self.K_M, self.K_G = (np.array([getattr(c, k) for c in cells], np.float64) for k in ("K_M", "K_G"))
         self.dL = np.array([c.L_G - c.L_M for c in cells], np.float64)
-        self.p, self.delta, coef = [], [], []
+        self.p, self.E, coef = [], [], []
         for cell in cells:
             T, M, G = (np.asarray(a, np.float64).ravel() for a in (cell.T, cell.M, cell.G))
             if output == "categorical":
+                if np.max(M - G) > 700:
+                    raise ValueError(f"cell D={cell.D} step={cell.step}: M - G exceeds 700 nats, so exp(M - G) "
+                                     f"overflows; clip the log-probabilities, e.g. np.maximum(x, -600)")
                 p, P = np.exp(T), T.size / np.shape(cell.T)[-1]
                 self.p.append(p)
-                self.delta.append(M - G)
-                coef.append((p @ (T - G) / P, p.sum() / P, P))
+                self.E.append(np.expm1(M - G))
+                coef.append((p @ (T - G) / P, P, 0.0))
             else:
                 e, f = T - G, M - G
                 coef.append((e @ e / e.size, e @ f / e.size, f @ f / e.size))
@@ -241,11 +244,12 @@ class _Objective:
         if self.output == "regression":
             a, b, c = self.coef.T
             return a - 2 * w * b + w**2 * c, 2 * (w * c - b) * w * (1 - w)
+        w1 = expit(-z)
         losses, slopes = np.empty_like(z), np.empty_like(z)
-        for i, (p, delta, (c, S, P)) in enumerate(zip(self.p, self.delta, self.coef)):
-            g = np.logaddexp(log_expit(-z[i]), log_expit(z[i]) + delta)
-            losses[i] = c - p @ g / P
-            slopes[i] = w[i] * S - p @ expit(z[i] + delta) / P
+        for i, (p, E, (c, P, _)) in enumerate(zip(self.p, self.E, self.coef)):
+            q = w1[i] + w[i] * (1 + E)
+            losses[i] = c - p @ np.log(q) / P
+            slopes[i] = -w[i] * w1[i] * (p @ (E / q)) / P
         return losses, slopes
 
     def __call__(self, u: np.ndarray) -> tuple[float, np.ndarray]:

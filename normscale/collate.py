@@ -1,0 +1,254 @@
+"""Collate an experiment's evaluation results into one HDF5 file: `python -m normscale.collate <overrides>`;
+`load_eval_results(setting, experiment_name)` returns them as a DataFrame.
+
+Every metrics file written by normscale.eval (beside each checkpoint, or in runs/bayes-<kind>/<dataset>/) goes into
+`<experiment>/metrics.h5`. Incremental: a file already collated (same size and mtime) is not read again; a
+re-evaluated one replaces its group. Idempotent: collating twice gives the same content. A checkpoint without its
+metrics file yet is skipped and picked up by a later pass (metrics files are written atomically, so a file is
+complete or absent). The new file is written beside the old one and renamed over it, under a lock.
+
+Schema (plain h5py reads it; strings are UTF-8, configs JSON):
+
+  /                                 attrs: schema "normscale.metrics", format 1, setting, experiment
+  /runs/<run>/                      one per run; <run> is the run directory's path under runs/ with "/" -> ":"
+                                    attrs: run (that path), model, kind ("" for trained models), data_dir, data_key,
+                                    config (the run's resolved config, JSON), overrides (JSON list)
+  /runs/<run>/<entry>/              entry "step-00000200" (a checkpoint) or "final" (a single-shot model)
+                                    attrs: step (-1 for "final"), sequences_seen, tokens_seen (-1 when unknown)
+  /runs/<run>/<entry>/<mode>/       mode "standard" | "single_task"; attrs: source (metrics file path under the
+                                    experiment), source_bytes, source_mtime_ns, eval_kwargs (JSON), eval_hashes (JSON)
+      <split>/                      attrs: every scalar metric (loss, task metric, d_M, d_G, d_MG, r, w_M,
+                                    interp_distance), num_sequences
+      <split>/per_position/<name>   float32 (P,)
+      <split>/fit_predictions       float16 (fit_size, ...) predictions on the split's leading sequences
+      <split>/per_task/<name>       (D,) per training task (single_task mode; task_ids included)
+      <split>/predictions, labels, hidden_states    when the evaluation saved them
+      strategy_loss/                Bayes predictors: attrs median_of_means, num_sequences, measure; group_means (10,)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from normscale.checkpoints import CHECKPOINT_PATTERN, CONFIG_FILE, read_config
+from normscale.config import (RUN_NAME_EXCLUDED_KEYS, RUN_NAME_EXCLUDED_PREFIXES, Config, NormscaleError,
+                              resolve_cache_dir)
+from normscale.eval import METRICS_FILES, load_metrics
+from normscale.fileio import atomic_path, file_lock
+
+SCHEMA, FORMAT = "normscale.metrics", 1
+COLLATED_FILE = "metrics.h5"
+MODE_OF_FILE = {name: mode for mode, name in METRICS_FILES.items()}
+
+
+def metrics_files(experiment_dir: Path) -> list[tuple[str, str, str, Path]]:
+    """(run, entry, mode, path) of every metrics file of an experiment, sorted. `run` is the run directory's path
+    under runs/; entry "step-<step:08d>" for checkpoints (only complete, i.e. renamed, checkpoint directories),
+    "final" for single-shot models."""
+    runs_dir = Path(experiment_dir) / "runs"
+    found = []
+    for config_path in sorted(runs_dir.rglob(CONFIG_FILE)):
+        run_dir = config_path.parent
+        run = run_dir.relative_to(runs_dir).as_posix()
+        for name, mode in MODE_OF_FILE.items():
+            if (run_dir / name).exists():
+                found.append((run, "final", mode, run_dir / name))
+            for checkpoint in run_dir.iterdir():
+                match = CHECKPOINT_PATTERN.match(checkpoint.name)
+                if match and (checkpoint / name).exists():
+                    found.append((run, f"step-{int(match.group(1)):08d}", mode, checkpoint / name))
+    return sorted(found)
+
+
+def read_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides saved in the first line of a run's config_resolved.yaml."""
+    first = (Path(run_dir) / CONFIG_FILE).read_text().splitlines()[0]
+    return first.removeprefix("# overrides:").split()
+
+
+def collate(config: Config) -> Path:
+    """Add what is new in the experiment to its metrics.h5; returns its path."""
+    experiment_dir = config.experiment_dir
+    target = experiment_dir / COLLATED_FILE
+    if not (experiment_dir / "runs").exists():
+        raise NormscaleError(f"nothing to collate: {experiment_dir / 'runs'} does not exist; train and evaluate first")
+    with file_lock(experiment_dir / f".{COLLATED_FILE}.lock"):
+        found = metrics_files(experiment_dir)
+        current = {}
+        if target.exists():
+            with h5py.File(target, "r") as f:
+                current = {(run, entry, mode): (g.attrs["source_bytes"], g.attrs["source_mtime_ns"])
+                           for run, entry, mode, _ in found
+                           if (g := f.get(f"runs/{group_name(run)}/{entry}/{mode}")) is not None}
+        new = [(run, entry, mode, path) for run, entry, mode, path in found
+               if current.get((run, entry, mode)) != (path.stat().st_size, path.stat().st_mtime_ns)]
+        if not new:
+            print(f"normscale: {target} is up to date ({len(found)} metrics files)")
+            return target
+        with atomic_path(target) as tmp:
+            if target.exists():
+                shutil.copyfile(target, tmp)
+            with h5py.File(tmp, "a") as f:
+                f.attrs.update({"schema": SCHEMA, "format": FORMAT, "setting": config.setting,
+                                "experiment": config.name})
+                for run, entry, mode, path in new:
+                    add_metrics(f, experiment_dir, run, entry, mode, path)
+        print(f"normscale: collated {len(new)} new metrics file(s) of {len(found)} into {target}")
+    return target
+
+
+def group_name(run: str) -> str:
+    return run.replace("/", ":")
+
+
+def add_metrics(f: h5py.File, experiment_dir: Path, run: str, entry: str, mode: str, path: Path) -> None:
+    metrics = load_metrics(path)
+    run_dir = experiment_dir / "runs" / run
+    run_group = f.require_group(f"runs/{group_name(run)}")
+    run_config = read_config(run_dir)
+    run_group.attrs.update({"run": run, "model": metrics["model"], "kind": metrics["kind"] or "",
+                            "data_dir": metrics["data_dir"], "data_key": metrics["data_key"],
+                            "config": json.dumps(dataclasses.asdict(run_config), sort_keys=True),
+                            "overrides": json.dumps(read_overrides(run_dir))})
+    entry_group = run_group.require_group(entry)
+    meta = metrics["checkpoint_meta"] or {}
+    entry_group.attrs.update({"step": -1 if metrics["step"] is None else metrics["step"],
+                              "sequences_seen": meta.get("sequences_seen", -1),
+                              "tokens_seen": meta.get("tokens_seen", -1)})
+    if mode in entry_group:
+        del entry_group[mode]
+    group = entry_group.create_group(mode)
+    stat = path.stat()
+    group.attrs.update({"source": path.relative_to(experiment_dir).as_posix(), "source_bytes": stat.st_size,
+                        "source_mtime_ns": stat.st_mtime_ns, "eval_kwargs": json.dumps(metrics["eval_kwargs"], sort_keys=True),
+                        "eval_hashes": json.dumps(metrics["eval_hashes"], sort_keys=True)})
+    for split, summary in metrics["splits"].items():
+        split_group = group.create_group(split)
+        split_group.attrs.update({**summary["scalars"], "num_sequences": summary["num_sequences"]})
+        for name, values in summary["per_position"].items():
+            _dataset(split_group, f"per_position/{name}", values)
+        _dataset(split_group, "fit_predictions", summary["fit_predictions"])
+        for name, values in summary.get("per_task", {}).items():
+            _dataset(split_group, f"per_task/{name}", values)
+        for extra in ("predictions", "labels", "hidden_states"):
+            if split in metrics.get(extra, {}):
+                _dataset(split_group, extra, metrics[extra][split])
+    if "strategy_loss" in metrics:
+        loss = metrics["strategy_loss"]
+        loss_group = group.create_group("strategy_loss")
+        loss_group.attrs.update({k: loss[k] for k in ("median_of_means", "num_sequences", "measure")})
+        _dataset(loss_group, "group_means", np.asarray(loss["group_means"]))
+
+
+def _dataset(group: h5py.Group, name: str, values) -> None:
+    array = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    group.create_dataset(name, data=array, track_times=False,
+                         **({"compression": "lzf"} if array.size > 4096 else {}))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def sweep_parameters(overrides_per_run: list[list[str]]) -> list[str]:
+    """Config keys set on the command line of any trained run (what a sweep varies), in sorted order: the keys
+    that define run directories, and the seed."""
+    keys = set()
+    for overrides in overrides_per_run:
+        for override in overrides:
+            key = override.lstrip("+~").partition("=")[0]
+            if key == "seed" or (key not in RUN_NAME_EXCLUDED_KEYS and not key.startswith(RUN_NAME_EXCLUDED_PREFIXES)):
+                keys.add(key)
+    return sorted(keys)
+
+
+def config_value(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def read_results(path: Path, with_arrays: bool = False):
+    """metrics.h5 -> a DataFrame, one row per (run, checkpoint) (one per single-shot model): columns run, model,
+    kind, checkpoint (the step; None for Bayes and LLM rows), config (Config), metrics ({split: {scalar: value,
+    "per_position": {name: array}}}, plus "single_task" {split: ..., "per_task"} and "strategy_loss" when present),
+    h5_group (the entry's path in the file) and one column per sweep parameter, read from each run's config.
+    `with_arrays` adds fit_predictions (and saved predictions/labels) to the metrics dicts."""
+    import pandas as pd
+
+    rows = []
+    with h5py.File(path, "r") as f:
+        runs = f["runs"]
+        trained_overrides = [json.loads(g.attrs["overrides"]) for g in runs.values() if g.attrs["kind"] == ""]
+        parameters = sweep_parameters(trained_overrides)
+        for run_group in runs.values():
+            raw_config = json.loads(run_group.attrs["config"])
+            config = Config.from_dict(raw_config)
+            for entry, entry_group in sorted(run_group.items()):
+                metrics = {}
+                for mode, mode_group in entry_group.items():
+                    target = metrics if mode == "standard" else metrics.setdefault(mode, {})
+                    for split, split_group in mode_group.items():
+                        if split == "strategy_loss":
+                            metrics["strategy_loss"] = {**_attrs(split_group),
+                                                        "group_means": split_group["group_means"][()]}
+                            continue
+                        target[split] = _read_split(split_group, with_arrays)
+                step = int(entry_group.attrs["step"])
+                rows.append({"run": run_group.attrs["run"], "model": run_group.attrs["model"],
+                             "kind": run_group.attrs["kind"] or None, "checkpoint": None if step < 0 else step,
+                             "config": config, "metrics": metrics, "h5_group": entry_group.name,
+                             **{p: config_value(raw_config, p) for p in parameters}})
+    rows.sort(key=lambda row: (row["run"], -1 if row["checkpoint"] is None else row["checkpoint"]))
+    frame = pd.DataFrame(rows, columns=["config", "metrics", "checkpoint", "run", "model", "kind", "h5_group",
+                                        *parameters])
+    for column in ("checkpoint", "kind"):  # None stays None (not NaN) for Bayes and LLM rows
+        frame[column] = pd.Series([row[column] for row in rows], dtype=object)
+    return frame
+
+
+def _attrs(group: h5py.Group) -> dict:
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in group.attrs.items()}
+
+
+def _read_split(group: h5py.Group, with_arrays: bool) -> dict:
+    split = _attrs(group)
+    for name in ("per_position", "per_task"):
+        if name in group:
+            split[name] = {k: v[()] for k, v in group[name].items()}
+    if with_arrays:
+        split |= {k: group[k][()] for k in ("fit_predictions", "predictions", "labels", "hidden_states") if k in group}
+    return split
+
+
+def load_eval_results(setting: str, experiment_name: str, cache_dir: str | None = None, update: bool = True,
+                      with_arrays: bool = False):
+    """The predecessor's notebook API: a DataFrame with columns config, metrics, checkpoint (None for Bayes and
+    LLM rows) and one per sweep parameter (plus run, model, kind, h5_group). With `update` (the default), what was
+    evaluated since the last collation is collated first."""
+    config = Config(setting=setting, name=experiment_name, cache_dir=str(resolve_cache_dir(cache_dir)))
+    path = config.experiment_dir / COLLATED_FILE
+    if update:
+        collate(config)
+    elif not path.exists():
+        raise NormscaleError(f"{path} does not exist: run `python -m normscale.collate setting={setting} "
+                             f"name={experiment_name}`, or call with update=True")
+    return read_results(path, with_arrays)
+
+
+def main() -> None:
+    from normscale.cli import hydra_main
+
+    hydra_main(collate)
+
+
+if __name__ == "__main__":
+    main()
