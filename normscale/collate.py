@@ -178,7 +178,7 @@ def config_value(config: dict, dotted: str):
 
 def read_results(path: Path, with_arrays: bool = False):
     """metrics.h5 -> a DataFrame, one row per (run, checkpoint) (one per single-shot model): columns run, model,
-    kind, checkpoint (the step; None for Bayes and LLM rows), config (Config), metrics ({split: {scalar: value,
+    kind, data_dir (the dataset's directory name), checkpoint (the step; None for Bayes and LLM rows), config (Config), metrics ({split: {scalar: value,
     "per_position": {name: array}}}, plus "single_task" {split: ..., "per_task"} and "strategy_loss" when present),
     h5_group (the entry's path in the file) and one column per sweep parameter, read from each run's config.
     `with_arrays` adds fit_predictions (and saved predictions/labels) to the metrics dicts."""
@@ -204,11 +204,12 @@ def read_results(path: Path, with_arrays: bool = False):
                         target[split] = _read_split(split_group, with_arrays)
                 step = int(entry_group.attrs["step"])
                 rows.append({"run": run_group.attrs["run"], "model": run_group.attrs["model"],
+                             "data_dir": run_group.attrs["data_dir"],
                              "kind": run_group.attrs["kind"] or None, "checkpoint": None if step < 0 else step,
                              "config": config, "metrics": metrics, "h5_group": entry_group.name,
                              **{p: config_value(raw_config, p) for p in parameters}})
     rows.sort(key=lambda row: (row["run"], -1 if row["checkpoint"] is None else row["checkpoint"]))
-    frame = pd.DataFrame(rows, columns=["config", "metrics", "checkpoint", "run", "model", "kind", "h5_group",
+    frame = pd.DataFrame(rows, columns=["config", "metrics", "checkpoint", "run", "model", "kind", "data_dir", "h5_group",
                                         *parameters])
     for column in ("checkpoint", "kind"):  # None stays None (not NaN) for Bayes and LLM rows
         frame[column] = pd.Series([row[column] for row in rows], dtype=object)

@@ -2,7 +2,8 @@
 `accelerate launch`, where ranks split the eval batches and gather the results).
 
   model=transformer | mlp | hf_gpt_neox (the default)   every checkpoint of every trained run of the experiment
-      (or the one run `eval_kwargs.run=<run directory name>`); results beside each checkpoint
+      (or one run: `"eval_kwargs.run='<run directory name>'"`, quoted for Hydra since names hold = and ,);
+      results beside each checkpoint
   model=bayes model_kwargs.kind=memorizing | generalizing | const   the Bayes predictor as a model, on every dataset
       the experiment's runs were trained on (or the config's own dataset when nothing is trained yet), its results in
       runs/bayes-<kind>/<dataset>/, with the strategy loss L_s of SPEC D
@@ -218,8 +219,10 @@ def trained_runs(config: Config) -> list[Path]:
 
 
 def with_eval_kwargs(run_config: Config, config: Config, **changes) -> Config:
-    """A run's own config (task, data, model) with the evaluation settings of this command."""
-    combined = dataclasses.replace(run_config, eval_kwargs=config.eval_kwargs, overwrite=config.overwrite, **changes)
+    """A run's own config (task, data, model) with the evaluation settings and the CACHE_DIR of this command (an
+    experiment directory may have moved since training)."""
+    combined = dataclasses.replace(run_config, eval_kwargs=config.eval_kwargs, overwrite=config.overwrite,
+                                   cache_dir=config.cache_dir, **changes)
     combined.check()
     return combined
 
@@ -261,7 +264,7 @@ def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
 
 def evaluate_bayes(config: Config, accelerator) -> list[Path]:
     kind = config.model_kwargs.kind
-    sources = [read_config(run) for run in trained_runs(config)] or [config]
+    sources = [with_eval_kwargs(read_config(run), config) for run in trained_runs(config)] or [config]
     datasets: dict[Path, Config] = {}
     for source in sources:
         datasets.setdefault(plan_data(source).directory, source)

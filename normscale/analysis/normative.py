@@ -184,7 +184,7 @@ def cell_loss(cell: Cell, h: np.ndarray, output: str) -> float:
 
 
 def _num_kept(n: int, fraction: float) -> int:
-    return math.ceil(round(fraction * n, 9))  # the rounding keeps e.g. 0.8 * 15 at 12, not 13
+    return math.ceil(round(fraction * n, 9))  # the rounding keeps e.g. 0.28 * 25 at 7, not 8
 
 
 def split_cells(cells: Sequence[Cell], fraction: float = 0.8) -> tuple[list[Cell], list[Cell]]:
@@ -210,11 +210,12 @@ def _fit_mask(cells: Sequence[Cell], fraction: float) -> np.ndarray:
 class _Objective:
     """Mean cell loss over cells, and its gradient, as a function of u = (logit alpha, log beta, log gamma).
 
-    Per cell the loss depends on its log-odds z alone (w = sigmoid z). Categorical: with E = expm1(M - G) and
-    p = exp(T) precomputed and flattened, log h = G + log q, q = (1 - w) + w (1 + E) (both terms computed without
-    cancellation), so loss = c - p.log(q) / P and dloss/dz = -w (1 - w) p.(E / q) / P, where c = p.(T - G) / P and
-    P is the number of positions. Regression: loss = a - 2 w b + w^2 c with a, b, c the means of (T - G)^2,
-    (T - G)(M - G) and (M - G)^2 (so no arrays are kept)."""
+    A cell's loss depends on its log-odds z alone (w = sigmoid z). Categorical: with p = exp(T) and e = exp(M - G)
+    precomputed and flattened, log h = G + log q where q = (1 - w) + w e (1 - w and w each from a sigmoid, so
+    neither is lost when the other saturates); hence loss = c - p.log(q) / P and dloss/dz = -w (1 - w)
+    p.((e - 1) / q) / P, with c = p.(T - G) / P and P the number of positions. This keeps two float64 arrays the
+    size of T per cell. Regression: loss = a - 2 w b + w^2 c, with a, b, c the means of (T - G)^2,
+    (T - G)(M - G) and (M - G)^2, and no arrays kept."""
 
     def __init__(self, cells: Sequence[Cell], output: str):
         self.output = output
@@ -222,34 +223,33 @@ class _Objective:
         self.log_N = np.log(np.where(self.N > 0, self.N, 1.0))  # N^(1-alpha) ln N -> 0 at N = 0
         self.K_M, self.K_G = (np.array([getattr(c, k) for c in cells], np.float64) for k in ("K_M", "K_G"))
         self.dL = np.array([c.L_G - c.L_M for c in cells], np.float64)
-        self.p, self.E, coef = [], [], []
+        self.p, self.e, self.c, self.P, self.abc = [], [], [], [], []
         for cell in cells:
             T, M, G = (np.asarray(a, np.float64).ravel() for a in (cell.T, cell.M, cell.G))
             if output == "categorical":
-                if np.max(M - G) > 700:
-                    raise ValueError(f"cell D={cell.D} step={cell.step}: M - G exceeds 700 nats, so exp(M - G) "
-                                     f"overflows; clip the log-probabilities, e.g. np.maximum(x, -600)")
+                if np.max(np.abs(M - G)) > 700:
+                    raise ValueError(f"cell D={cell.D} step={cell.step}: |M - G| exceeds 700 nats, so exp(M - G) "
+                                     f"over- or underflows; clip the log-probabilities, e.g. np.maximum(x, -600)")
                 p, P = np.exp(T), T.size / np.shape(cell.T)[-1]
                 self.p.append(p)
-                self.E.append(np.expm1(M - G))
-                coef.append((p @ (T - G) / P, P, 0.0))
+                self.e.append(np.exp(M - G))
+                self.c.append(p @ (T - G) / P)
+                self.P.append(P)
             else:
-                e, f = T - G, M - G
-                coef.append((e @ e / e.size, e @ f / e.size, f @ f / e.size))
-        self.coef = np.array(coef, np.float64).reshape(len(cells), 3)
+                TG, MG = T - G, M - G
+                self.abc.append((TG @ TG / T.size, TG @ MG / T.size, MG @ MG / T.size))
 
     def cell_losses(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each cell's loss and its derivative in z."""
-        w = expit(z)
+        w, w1 = expit(z), expit(-z)
         if self.output == "regression":
-            a, b, c = self.coef.T
-            return a - 2 * w * b + w**2 * c, 2 * (w * c - b) * w * (1 - w)
-        w1 = expit(-z)
+            a, b, c = np.array(self.abc, np.float64).reshape(-1, 3).T
+            return a - 2 * w * b + w**2 * c, 2 * (w * c - b) * w * w1
         losses, slopes = np.empty_like(z), np.empty_like(z)
-        for i, (p, E, (c, P, _)) in enumerate(zip(self.p, self.E, self.coef)):
-            q = w1[i] + w[i] * (1 + E)
+        for i, (p, e, c, P) in enumerate(zip(self.p, self.e, self.c, self.P)):
+            q = w1[i] + w[i] * e
             losses[i] = c - p @ np.log(q) / P
-            slopes[i] = -w[i] * w1[i] * (p @ (E / q)) / P
+            slopes[i] = -w[i] * w1[i] * (p @ ((e - 1) / q)) / P
         return losses, slopes
 
     def __call__(self, u: np.ndarray) -> tuple[float, np.ndarray]:
@@ -313,7 +313,8 @@ def _per_D_constants(cells: Sequence[Cell]) -> dict[int, tuple[float, float, flo
 def fit(cells: Sequence[Cell], setting: str, init: tuple[float, float, float] | None = None,
         fraction: float = 0.8) -> FitResult:
     """Fit (alpha, beta, gamma) to the cells `split_cells(cells, fraction)` keeps, from init = (beta, alpha, gamma)
-    (default INITIAL[setting]); evaluate on the held-out cells and on all cells."""
+    (default INITIAL[setting]); evaluate on the held-out cells and on all cells. Categorical fits hold two float64
+    arrays the size of T per fit cell (about 4 MB for (256, 128, 8))."""
     _check_setting(setting)
     output = OUTPUT[setting]
     cells = list(cells)

@@ -1,0 +1,3 @@
+from normscale.analysis.report import main
+
+main()

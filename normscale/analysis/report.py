@@ -1,0 +1,174 @@
+"""`python -m normscale.analysis <overrides>`: the normative fit and the standard figures of an experiment, from
+its collated metrics.h5 alone (run `python -m normscale.collate` first).
+
+Writes to <experiment>/analysis/: summary.json (the fit, its held-out quality, predicted and observed transition
+steps, D*, final w_M per D) and the figures as PNG:
+  w_M_heatmap.png          observed and predicted w_M (ID) over (sqrt steps, log2 D), seeds averaged
+  w_M_curves.png           observed w_M (ID and OOD) against steps, one line per D
+  transience.png           OOD task loss against steps per D, with M's and G's levels
+  final_loss_vs_D.png      final-checkpoint ID and OOD task loss against D, with M and G reference lines
+  predicted_vs_observed.png  predicted against observed w_M (ID), fitted and held-out cells apart
+  loss_vs_width.png        final ID task loss against hidden size (only when the experiment varies it)
+Cells of the fit are (run, checkpoint) pairs of the trained models, on the ID split's fit subset, with M's and G's
+predictions on the same sequences from the Bayes rows of the run's dataset (`python -m normscale.eval
+model=bayes model_kwargs.kind=memorizing,generalizing -m`). L_s(D) is the median-of-means strategy loss of the
+Bayes rows, averaged over the datasets (seeds) with that D; K_s(D) is normative.complexity_bits.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from normscale.analysis import figures, normative
+from normscale.collate import COLLATED_FILE, read_results
+from normscale.config import Config, NormscaleError
+from normscale.fileio import write_json
+
+TASK_METRIC = {"balls_and_urns": "kl", "linear_regression": "loss", "classification": "loss"}
+
+
+def observed_transition_step(steps: list[int], w_m: list[float]) -> int | None:
+    """SPEC C: the first checkpoint after which w_M stays above 0.5 (None when the last one is not above it)."""
+    above = [w > 0.5 for w in w_m]
+    if not above or not above[-1]:
+        return None
+    first = len(above)
+    while first > 0 and above[first - 1]:
+        first -= 1
+    return steps[first]
+
+
+def task_diversity_threshold(num_tasks: list[int], final_w_m: list[float]) -> float | None:
+    """SPEC C: the D at which final-checkpoint w_M crosses 0.5 (falling with D), interpolated in log2 D."""
+    x, y = np.log2(num_tasks), np.asarray(final_w_m)
+    for i in range(len(x) - 1):
+        if y[i] >= 0.5 > y[i + 1]:
+            return float(2 ** (x[i] + (y[i] - 0.5) / (y[i] - y[i + 1]) * (x[i + 1] - x[i])))
+    return None
+
+
+def load_frame(config: Config):
+    path = config.experiment_dir / COLLATED_FILE
+    if not path.exists():
+        raise NormscaleError(f"{path} does not exist: run `python -m normscale.collate` with the experiment's "
+                             "overrides first")
+    frame = read_results(path)
+    trained = frame[frame["checkpoint"].notna()]
+    if trained.empty:
+        raise NormscaleError(f"{path} holds no evaluated checkpoints: run `python -m normscale.eval` first")
+    return path, frame, trained
+
+
+def bayes_rows(frame, path: Path) -> dict[tuple[str, str], dict]:
+    """{(data_dir, kind): {"metrics", "h5_group"}} of the Bayes predictors' rows."""
+    rows = {}
+    for _, row in frame[frame["model"] == "bayes"].iterrows():
+        rows[(row["data_dir"], row["kind"])] = {"metrics": row["metrics"], "h5_group": row["h5_group"]}
+    return rows
+
+
+def analyze(config: Config) -> Path:
+    path, frame, trained = load_frame(config)
+    setting = config.setting
+    bayes = bayes_rows(frame, path)
+    missing = sorted({d for d in trained["data_dir"] for kind in normative.STRATEGIES if (d, kind) not in bayes})
+    if missing:
+        raise NormscaleError(
+            f"no Bayes results for dataset(s) {', '.join(missing)} in {path}: run `python -m normscale.eval -m "
+            f"name={config.name} setting={setting} model=bayes model_kwargs.kind=memorizing,generalizing`, then "
+            "collate again")
+    out = config.experiment_dir / "analysis"
+    metric = TASK_METRIC[setting]
+
+    strategy_losses = defaultdict(lambda: defaultdict(list))  # D -> kind -> [L_s per dataset]
+    for (data_dir, kind), row in bayes.items():
+        D = int(trained[trained["data_dir"] == data_dir]["config"].iloc[0].task_kwargs.num_tasks) \
+            if (trained["data_dir"] == data_dir).any() else None
+        if D is not None and kind in normative.STRATEGIES:
+            strategy_losses[D][kind].append(row["metrics"]["strategy_loss"]["median_of_means"])
+    L = {D: {kind: float(np.mean(v)) for kind, v in kinds.items()} for D, kinds in strategy_losses.items()}
+
+    cells = []
+    with h5py.File(path, "r") as f:
+        reference = {key: f[row["h5_group"]]["standard/id/fit_predictions"][()] for key, row in bayes.items()}
+        for _, row in trained.iterrows():
+            task = row["config"].task_kwargs
+            D = task.num_tasks
+            K = {kind: normative.complexity_bits(setting, kind, D, task.num_dims, task.prior == "uniform")
+                 for kind in normative.STRATEGIES}
+            cells.append(normative.Cell(
+                D=D, step=int(row["checkpoint"]), T=f[row["h5_group"]]["standard/id/fit_predictions"][()],
+                M=reference[(row["data_dir"], "memorizing")], G=reference[(row["data_dir"], "generalizing")],
+                K_M=K["memorizing"], K_G=K["generalizing"], L_M=L[D]["memorizing"], L_G=L[D]["generalizing"],
+                observed_w_M=row["metrics"]["id"]["w_M"]))
+    result = normative.fit(cells, setting)
+    fitted = {id(c) for c in normative.split_cells(cells)[0]}
+    predicted = [float(normative.memorizing_weight(c.step, c.K_M, c.K_G, c.L_M, c.L_G, result.alpha, result.beta,
+                                                   result.gamma)) for c in cells]
+
+    runs = []
+    for run, group in trained.groupby("run", sort=True):
+        group = group.sort_values("checkpoint")
+        steps = [int(s) for s in group["checkpoint"]]
+        config_row = group["config"].iloc[0]
+        runs.append({"run": run, "config": config_row, "D": config_row.task_kwargs.num_tasks, "seed": config_row.seed,
+                     "hidden_size": config_row.model_kwargs.hidden_size, "steps": steps,
+                     "data_dir": group["data_dir"].iloc[0],
+                     "w_M": {s: [m[s]["w_M"] for m in group["metrics"]] for s in ("id", "ood")},
+                     "loss": {s: [m[s][metric] for m in group["metrics"]] for s in ("id", "ood")},
+                     "transition_step": observed_transition_step(steps, [m["id"]["w_M"] for m in group["metrics"]])})
+    by_D = defaultdict(list)
+    for r in runs:
+        by_D[r["D"]].append(r)
+    Ds = sorted(by_D)
+    final_w_m = {D: float(np.nanmean([r["w_M"]["id"][-1] for r in by_D[D]])) for D in Ds}
+    final_w_m_ood = {D: float(np.nanmean([r["w_M"]["ood"][-1] for r in by_D[D]])) for D in Ds}
+    references = {D: {kind: {s: float(np.mean([bayes[(r["data_dir"], kind)]["metrics"][s][metric] for r in by_D[D]]))
+                             for s in ("id", "ood")} for kind in normative.STRATEGIES} for D in Ds}
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = [
+        figures.w_m_heatmap(out / "w_M_heatmap.png", cells, predicted),
+        figures.w_m_curves(out / "w_M_curves.png", by_D),
+        figures.transience(out / "transience.png", by_D, references, metric),
+        figures.final_loss_vs_d(out / "final_loss_vs_D.png", by_D, references, metric),
+        figures.predicted_vs_observed(out / "predicted_vs_observed.png", cells, predicted, fitted, result),
+    ]
+    widths = sorted({r["hidden_size"] for r in runs})
+    if len(widths) > 1:
+        written.append(figures.loss_vs_width(out / "loss_vs_width.png", runs, metric))
+
+    summary = {
+        "experiment": config.name, "setting": setting, "metrics_file": str(path),
+        "fit": result.to_json_dict(),
+        "complexity_bits": {str(c.D): {"memorizing": c.K_M, "generalizing": c.K_G} for c in cells},
+        "strategy_loss": {str(D): L[D] for D in Ds},
+        "final_w_M": {"id": {str(D): nan_to_none(final_w_m[D]) for D in Ds},
+                      "ood": {str(D): nan_to_none(final_w_m_ood[D]) for D in Ds}},
+        "task_diversity_threshold_D*": task_diversity_threshold(Ds, [final_w_m[D] for D in Ds]),
+        "transition_steps": {"predicted": result.to_json_dict()["transition_steps"],
+                             "observed": {r["run"]: r["transition_step"] for r in runs}},
+        "figures": [p.name for p in written],
+        "widths": widths if len(widths) > 1 else f"not plotted: one hidden size ({widths[0]}) in this experiment",
+    }
+    write_json(out / "summary.json", summary)
+    print(f"normscale: fit alpha={result.alpha:.3f} beta={result.beta:.3f} gamma={result.gamma:.3g}; held-out "
+          f"Pearson r(w_M) {result.pearson_r_held_out:.3f}; final w_M (ID) by D: "
+          + ", ".join(f"D={D} {final_w_m[D]:.2f}" for D in Ds))
+    print(f"normscale: figures and summary.json in {out}")
+    return out
+
+
+def nan_to_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def main() -> None:
+    from normscale.cli import hydra_main
+
+    hydra_main(analyze)

@@ -1,0 +1,284 @@
+"""Evaluation, collation and the analysis entry, as users run them: `python -m normscale.eval | collate | analysis`,
+and `launch/cpu.sh 2 -m normscale.eval` for two processes."""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, run_module
+from normscale.checkpoints import list_checkpoints, read_config
+from normscale.collate import load_eval_results
+from normscale.config import checkpoint_schedule
+from normscale.eval import ModelEvaluator, load_metrics
+from normscale.metrics import distance, summarize
+
+SETTING = "balls_and_urns"
+ARGS = ["setting=balls_and_urns", "name=ev", "logging.wandb=false", "task_kwargs.num_dims=4",
+        "task_kwargs.context_length=12", "task_kwargs.num_ood_tasks=20", "training_kwargs.batch_size=16",
+        "training_kwargs.max_steps=120", "training_kwargs.warmup_steps=10", "training_kwargs.eval_every=1000",
+        "training_kwargs.save_steps.num_checkpoints=4", "training_kwargs.save_steps.first_step=10",
+        "data_kwargs.eval_size=96", "eval_kwargs.batch_size=32",
+        "eval_kwargs.num_eval_batches=3", "eval_kwargs.fit_size=16", "eval_kwargs.strategy_loss_sequences=200",
+        "eval_kwargs.sequences_per_task=3"]
+NUM_TASKS = (2, 64)
+
+
+def cli(module: str, cache, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    flags = [a for a in args if a == "-m"]  # Hydra's flags go before the overrides
+    result = run_module(module, *flags, *ARGS, *[a for a in args if a != "-m"], env={"CACHE_DIR": str(cache)})
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two trained runs (D = 2 and 64) and both Bayes predictors evaluated on their datasets."""
+    cache = tmp_path_factory.mktemp("cache")
+    cli("normscale.train", cache, "-m", f"task_kwargs.num_tasks={','.join(map(str, NUM_TASKS))}",
+        "model_kwargs.hidden_size=32")
+    cli("normscale.eval", cache, "-m", "model=bayes", "model_kwargs.kind=memorizing,generalizing")
+    return cache
+
+
+def experiment(cache):
+    return cache / "experiments" / SETTING / "ev"
+
+
+def trained_runs(cache):
+    return sorted(p for p in (experiment(cache) / "runs").iterdir() if not p.name.startswith("bayes-"))
+
+
+def copy_experiment(cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy, symlinks=True)
+    return copy
+
+
+def test_bayes_predictors_scored_as_models_give_w_m_one_and_zero(trained):
+    for kind, expected in (("memorizing", 1.0), ("generalizing", 0.0)):
+        files = sorted((experiment(trained) / "runs" / f"bayes-{kind}").glob("*/metrics.pt"))
+        assert len(files) == len(NUM_TASKS)  # one per dataset the experiment trained on
+        for path in files:
+            metrics = load_metrics(path)
+            assert metrics["step"] is None and metrics["model"] == "bayes" and metrics["kind"] == kind
+            for split, summary in metrics["splits"].items():
+                assert summary["scalars"]["w_M"] == pytest.approx(expected, abs=1e-6), (path, split)
+                own = "d_M" if kind == "memorizing" else "d_G"
+                assert summary["scalars"][own] == pytest.approx(0, abs=1e-7)
+                assert summary["fit_predictions"].dtype == torch.float16 and len(summary["fit_predictions"]) == 16
+    losses = {}
+    for kind in ("memorizing", "generalizing"):
+        for path in (experiment(trained) / "runs" / f"bayes-{kind}").glob("D2-*/metrics.pt"):
+            losses[kind] = load_metrics(path)["strategy_loss"]
+    assert losses["memorizing"]["num_sequences"] == 200 and len(losses["memorizing"]["group_means"]) == 10
+    assert losses["memorizing"]["median_of_means"] < losses["generalizing"]["median_of_means"]  # D=2: M wins in-dist.
+
+
+class Mixture(nn.Module):
+    """A 'model' whose colour distribution is w M + (1 - w) G, optionally shifted by one position."""
+
+    def __init__(self, evaluator: ModelEvaluator, w: float, shift: int = 0):
+        super().__init__()
+        self.m, self.g, self.w, self.shift = evaluator.predictor("memorizing"), evaluator.predictor("generalizing"), w, shift
+        self.setting = evaluator.config.setting
+
+    def forward(self, batch):
+        m, g = self.m(batch), self.g(batch)
+        if self.setting == "linear_regression":
+            out = self.w * m + (1 - self.w) * g
+        else:
+            out = torch.logaddexp(m + math.log(self.w), g + math.log(1 - self.w))
+        return torch.roll(out, self.shift, dims=1) if self.shift else out
+
+
+@pytest.mark.parametrize("setting", ["balls_and_urns", "linear_regression"])
+def test_a_known_mixture_of_m_and_g_is_recovered_and_an_off_by_one_is_not(tmp_path, setting):
+    """0.3 M + 0.7 G scored through the evaluator is recovered: w_M = 0.3 (exactly for the squared distance of
+    regression, to 0.02 for the symmetrised KL of urns, which is not linear in the mixture weight) and the
+    interpolation distance d(T, w_M M + (1 - w_M) G) is ~0. The same mixture one position off is not."""
+    from conftest import small_config
+    from normscale.data import prepare_data
+
+    config = small_config(tmp_path, setting, "task_kwargs.num_tasks=4", "eval_kwargs.num_eval_batches=2")
+    prepare_data(config, train_shards=False)
+    evaluator = ModelEvaluator(config)
+    tolerance = 1e-6 if setting == "linear_regression" else 0.02
+
+    def recovered(scalars):
+        return abs(scalars["w_M"] - 0.3) < tolerance and scalars["interp_distance"] < 0.01 * scalars["d_MG"]
+
+    aligned = evaluator.evaluate(Mixture(evaluator, 0.3))["splits"]
+    assert all(recovered(s["scalars"]) for s in aligned.values()), {k: s["scalars"] for k, s in aligned.items()}
+    shifted = evaluator.evaluate(Mixture(evaluator, 0.3, shift=1))["splits"]
+    assert not any(recovered(s["scalars"]) for s in shifted.values()), {k: s["scalars"] for k, s in shifted.items()}
+
+
+def test_w_m_is_nan_where_m_and_g_agree():
+    p = torch.log_softmax(torch.randn(5, 3, 4), -1)
+    batch = {"tokens": torch.zeros(5, 4, dtype=torch.long), "theta": torch.full((5, 4), 0.25)}
+    summary = summarize("balls_and_urns", p, p.clone(), p.clone(), batch)
+    assert math.isnan(summary["scalars"]["w_M"]) and torch.isnan(summary["per_position"]["w_M"]).all()
+    assert distance("balls_and_urns", p, p).abs().max() < 1e-7
+
+
+def test_checkpoints_are_evaluated_once_and_again_only_with_overwrite(trained, tmp_path):
+    cache = copy_experiment(trained, tmp_path)
+    first = cli("normscale.eval", cache)
+    runs = trained_runs(cache)
+    files = [path / "metrics.pt" for run in runs for _, path in list_checkpoints(run)]
+    assert len(files) == 2 * 5 and all(f.exists() for f in files)  # steps 0, 4 scheduled incl. 120
+    assert "evaluating 10 checkpoint(s) of 2 run(s)" in first.stdout
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert "evaluating 0 checkpoint(s)" in cli("normscale.eval", cache).stdout
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert "evaluating 10 checkpoint(s)" in cli("normscale.eval", cache, "overwrite=true").stdout
+    metrics = load_metrics(files[-1])
+    assert metrics["step"] == 120 and metrics["checkpoint_meta"]["sequences_seen"] == 120 * 16
+    assert set(metrics["splits"]) == {"id", "ood"}
+    assert metrics["splits"]["id"]["per_position"]["w_M"].shape == (12,)
+    assert metrics["splits"]["id"]["num_sequences"] == 96
+
+
+def test_one_run_with_everything_saved(trained, tmp_path):
+    cache = copy_experiment(trained, tmp_path)
+    run = trained_runs(cache)[0]
+    cli("normscale.eval", cache, f"eval_kwargs.run='{run.name}'", "eval_kwargs.return_all=true",
+        "eval_kwargs.save_hidden_states=true")
+    assert not any((r / "checkpoint-0" / "metrics.pt").exists() for r in trained_runs(cache)[1:])
+    metrics = load_metrics(run / "checkpoint-120" / "metrics.pt")
+    assert metrics["predictions"]["id"].shape == (96, 12, 4) and metrics["labels"]["id"].shape == (96, 12)
+    assert metrics["hidden_states"]["ood"].shape == (16, 12, 32)
+    missing = cli("normscale.eval", cache, "eval_kwargs.run=nope", ok=False)
+    assert missing.returncode == 2 and "eval_kwargs.run='nope' is not a trained run" in missing.stderr
+
+
+def test_single_task_mode_covers_every_task_once(trained, tmp_path):
+    cache = copy_experiment(trained, tmp_path)
+    cli("normscale.eval", cache, "eval_kwargs.mode=single_task")
+    for run in trained_runs(cache):
+        D = read_config(run).task_kwargs.num_tasks
+        metrics = load_metrics(run / "checkpoint-120" / "metrics-single_task.pt")
+        split = metrics["splits"]["single_task"]
+        assert split["num_sequences"] == 3 * D
+        assert torch.equal(split["per_task"]["task_ids"], torch.arange(D))
+        assert split["per_task"]["loss"].shape == (D,) and torch.isfinite(split["per_task"]["loss"]).all()
+        assert not (run / "checkpoint-120" / "metrics.pt").exists()  # the standard mode is a separate file
+    data = next((experiment(cache) / "data").glob("D64-*"))
+    with h5py.File(data / "single_task-3.h5") as f:
+        ids = f["single_task/task_ids"][()]
+    assert np.array_equal(ids, np.repeat(np.arange(64), 3))
+
+
+def test_two_processes_evaluate_like_one_with_batches_that_do_not_divide(trained, tmp_path):
+    single = copy_experiment(trained, tmp_path / "one")
+    double = copy_experiment(trained, tmp_path / "two")
+    run = trained_runs(single)[1].name
+    cli("normscale.eval", single, f"eval_kwargs.run='{run}'")
+    env = {**os.environ, "CACHE_DIR": str(double), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "launch/cpu.sh"), "2", "-m", "normscale.eval", *ARGS,
+                             f"eval_kwargs.run='{run}'"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step in (0, 120):
+        one = load_metrics(experiment(single) / "runs" / run / f"checkpoint-{step}" / "metrics.pt")
+        two = load_metrics(experiment(double) / "runs" / run / f"checkpoint-{step}" / "metrics.pt")
+        for split in ("id", "ood"):
+            assert one["splits"][split]["batches_by_rank"] == {0: [0, 1, 2]}
+            assert two["splits"][split]["batches_by_rank"] == {0: [0, 2], 1: [1]}  # 3 batches on 2 ranks
+            assert one["splits"][split]["num_sequences"] == two["splits"][split]["num_sequences"] == 96
+            for name, value in one["splits"][split]["scalars"].items():
+                assert value == pytest.approx(two["splits"][split]["scalars"][name], rel=1e-6, abs=1e-9), name
+            assert torch.equal(one["splits"][split]["fit_predictions"], two["splits"][split]["fit_predictions"])
+
+
+def dump(path) -> dict:
+    """Everything in an HDF5 file: attributes and dataset contents by path."""
+    content = {}
+    with h5py.File(path) as f:
+        def visit(name, obj):
+            content[name] = ({k: repr(v) for k, v in obj.attrs.items()},
+                             obj[()].tobytes() if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(visit)
+        content["/"] = {k: repr(v) for k, v in f.attrs.items()}
+    return content
+
+
+def test_collation_is_idempotent_skips_incomplete_checkpoints_and_picks_them_up(trained, tmp_path):
+    cache = copy_experiment(trained, tmp_path)
+    cli("normscale.eval", cache)
+    run = trained_runs(cache)[0]
+    pending = run / "checkpoint-500"  # a complete checkpoint not evaluated yet
+    shutil.copytree(run / "checkpoint-120", pending)
+    (pending / "metrics.pt").unlink()
+    staging = run / ".checkpoint-600.tmp-123"  # a checkpoint still being written
+    shutil.copytree(run / "checkpoint-120", staging)
+    first = cli("normscale.collate", cache)
+    assert "collated 14 new metrics file(s) of 14" in first.stdout  # 2 runs x 5 checkpoints + 2 x 2 Bayes
+    path = experiment(cache) / "metrics.h5"
+    before = dump(path)
+    assert "up to date" in cli("normscale.collate", cache).stdout
+    assert dump(path) == before
+    frame = load_eval_results(SETTING, "ev", cache_dir=str(cache), update=False)
+    assert 500 not in set(frame["checkpoint"]) and 600 not in set(frame["checkpoint"])
+    cli("normscale.eval", cache)  # evaluates checkpoint-500 only
+    assert "collated 1 new metrics file(s)" in cli("normscale.collate", cache).stdout
+    after = dump(path)
+    assert {k: v for k, v in after.items() if "step-00000500" not in k} == before
+    frame = load_eval_results(SETTING, "ev", cache_dir=str(cache), update=False)
+    assert 500 in set(frame["checkpoint"]) and 600 not in set(frame["checkpoint"])
+
+
+def test_load_eval_results_has_the_predecessor_columns_and_sweep_parameters(trained, tmp_path):
+    from normscale.analysis_utils import load_eval_results as compatible
+
+    cache = copy_experiment(trained, tmp_path)
+    cli("normscale.eval", cache)
+    frame = compatible(SETTING, "ev", cache_dir=str(cache))  # collates first
+    assert {"config", "metrics", "checkpoint", "task_kwargs.num_tasks"} <= set(frame.columns)
+    assert "seed" not in frame.columns  # not swept here
+    bayes = frame[frame["model"] == "bayes"]
+    assert len(bayes) == 4 and bayes["checkpoint"].isna().all() and all(c is None for c in bayes["checkpoint"])
+    trained_rows = frame[frame["model"] == "transformer"]
+    assert sorted(set(trained_rows["checkpoint"])) == sorted({0, *checkpoint_schedule("sqrt_schedule", 120, 4, 10)})
+    for _, row in frame.iterrows():
+        assert row["task_kwargs.num_tasks"] == row["config"].task_kwargs.num_tasks  # read from the saved config
+    assert sorted(set(frame["task_kwargs.num_tasks"])) == list(NUM_TASKS)
+    row = trained_rows.iloc[-1]
+    assert set(row["metrics"]) == {"id", "ood"} and 0 <= row["metrics"]["id"]["w_M"] <= 1
+    assert row["metrics"]["id"]["per_position"]["kl"].shape == (12,)
+
+
+def test_analysis_fits_and_draws_the_standard_figures(trained, tmp_path):
+    cache = copy_experiment(trained, tmp_path)
+    cli("normscale.eval", cache)
+    cli("normscale.collate", cache)
+    result = cli("normscale.analysis", cache)
+    out = experiment(cache) / "analysis"
+    assert f"figures and summary.json in {out}" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("w_M_heatmap.png", "w_M_curves.png", "transience.png", "final_loss_vs_D.png",
+                 "predicted_vs_observed.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert name in summary["figures"]
+    fit = summary["fit"]
+    assert 0 < fit["alpha"] < 1 and fit["n_fit_cells"] + fit["n_held_out_cells"] == 10
+    assert set(summary["final_w_M"]["id"]) == {"2", "64"}
+    assert summary["complexity_bits"]["64"]["memorizing"] > summary["complexity_bits"]["2"]["memorizing"]
+
+
+def test_analysis_without_bayes_results_says_what_to_run(trained, tmp_path):
+    cache = copy_experiment(trained, tmp_path)
+    shutil.rmtree(experiment(cache) / "runs" / "bayes-generalizing")
+    cli("normscale.eval", cache)
+    cli("normscale.collate", cache)
+    result = cli("normscale.analysis", cache, ok=False)
+    assert result.returncode == 2 and "model=bayes model_kwargs.kind=memorizing,generalizing" in result.stderr
