@@ -58,7 +58,7 @@ def w_m_curves(path: Path, by_d: dict[int, list[dict]]) -> Path:
             for i, run in enumerate(runs):
                 ax.plot(run["steps"], run["w_M"][split], color=colours[D], marker=".", label=f"D={D}" if i == 0 else None)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax.set(title=f"w_M, {split.upper()} sequences", xlabel="training steps", xscale="symlog", ylim=(-0.05, 1.05))
+        ax.set(title=f"w_M, {split.upper()} sequences", xlabel="training steps", xscale="symlog", xlim=(0, None), ylim=(-0.05, 1.05))
     axes[0].set_ylabel("w_M (1: M, 0: G)")
     axes[1].legend(fontsize=8)
     return _save(fig, path)
@@ -74,7 +74,7 @@ def transience(path: Path, by_d: dict[int, list[dict]], references: dict, metric
         for kind, (short, _) in STRATEGY_STYLE.items():
             ax.axhline(references[D][kind]["ood"], color=colours[D], lw=0.8, ls="--" if short == "M" else ":")
     ax.set(title=f"Transience: OOD {metric} (dashed: M, dotted: G)", xlabel="training steps", ylabel=f"OOD {metric}",
-           xscale="symlog")
+           xscale="symlog", xlim=(0, None))
     ax.legend(fontsize=8)
     return _save(fig, path)
 
