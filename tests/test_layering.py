@@ -8,6 +8,9 @@ FORBIDDEN = {
     "normscale.config": ["torch", "numpy", "hydra", "omegaconf", "normscale.data", "normscale.model"],
     "normscale.data": ["hydra", "omegaconf", "accelerate", "deepspeed", "normscale.dist", "normscale.model", "normscale.cli"],
     "normscale.model": ["hydra", "omegaconf", "accelerate", "deepspeed", "normscale.dist", "normscale.data", "normscale.cli"],
+    "normscale.eval": ["hydra", "normscale.train", "normscale.collate", "normscale.analysis"],
+    "normscale.collate": ["hydra", "normscale.train", "normscale.analysis"],
+    "normscale.analysis.normative": ["torch", "h5py", "normscale.data", "normscale.model", "normscale.dist"],
 }
 
 
