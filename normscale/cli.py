@@ -12,6 +12,7 @@ from typing import Any, Callable
 from normscale.config import Config, ConfigError, NormscaleError, resolve_cache_dir, schema_keys
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+SITE_ENV = CONF_DIR.parent / "slurm" / "site.env"
 GROUPS = ("setting", "model", "training", "eval", "experiment")
 
 
@@ -70,6 +71,7 @@ def load_env() -> None:
     from dotenv import find_dotenv, load_dotenv
 
     load_dotenv(find_dotenv(usecwd=True))  # values already in the environment win
+    load_dotenv(SITE_ENV)  # SLURM site settings (partition, account, ...) for the sweep planner and hydra/launcher=slurm
 
 
 def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:

@@ -45,15 +45,32 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop saves its resume state at the next step boundary and exits."""
+    """SIGTERM / SIGUSR1 / SIGUSR2 set a flag; the loop saves its resume state at the next step boundary and exits.
+    A handler installed before ours for that signal (submitit's checkpoint-and-requeue on USR2, under
+    hydra/launcher=slurm) runs once the state is saved: that is submitit's checkpoint/requeue contract."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.signum: int | None = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.signum = signum
+
+    def hand_over(self) -> None:
+        previous = self.previous.get(self.signum)
+        if callable(previous):
+            previous(self.signum, None)
+
+    def restore(self) -> None:
+        """The handlers from before this run (the next run of a -m sweep in this process installs its own)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def tokens_per_sequence(config: Config) -> int:
@@ -206,8 +223,10 @@ def train(config: Config, overrides: list[str]) -> Path:
             if done not in schedule:
                 save_resume(accelerator, run_dir, done)
             accelerator.print(f"normscale: preempted; resume state saved at step {done}")
+            preemption.hand_over()
             break
 
+    preemption.restore()
     if progress is not None:
         progress.close()
     check_replicas_identical(accelerator, model)

@@ -10,6 +10,7 @@ FORBIDDEN = {
     "normscale.model": ["hydra", "omegaconf", "accelerate", "deepspeed", "normscale.dist", "normscale.data", "normscale.cli"],
     "normscale.eval": ["hydra", "normscale.train", "normscale.collate", "normscale.analysis"],
     "normscale.collate": ["hydra", "normscale.train", "normscale.analysis"],
+    "normscale.sweep": ["torch", "numpy", "normscale.data", "normscale.model", "normscale.dist"],
     "normscale.analysis.normative": ["torch", "h5py", "normscale.data", "normscale.model", "normscale.dist"],
 }
 

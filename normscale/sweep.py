@@ -1,0 +1,267 @@
+"""Sweeps as SLURM job arrays, planned without importing torch (instant on a login node).
+
+    python -m normscale.sweep plan   [--submit] [--throttle N] <overrides>   list the points; with --submit freeze them
+                                                                            to a manifest and sbatch the array(s)
+    python -m normscale.sweep status [--manifest PATH] <overrides>         finished / running / failed / missing points
+    python -m normscale.sweep point  --manifest PATH --index I             one point's overrides, one per line
+
+The grid is the experiment preset's `hydra.sweeper.params` crossed with the command line's `-m`-style overrides
+(comma lists; the command line wins for a key in both), exactly the points `python -m normscale.train -m` runs,
+with the same run directories. `plan --submit` skips finished points (resume state at max_steps), writes
+<experiment>/sweeps/<stamp>-<hash>.json (points, submitted indices, job ids, resources), and submits slurm/sweep.sh
+as one array per chunk of at most MaxArraySize indices (`scontrol show config`), throttled with `%N`. Array task i
+of a chunk runs point offset + i of the manifest: a requeued or resubmitted task maps to the same point even if the
+preset changed since. Site settings (partition, account, time, GPUs and CPUs per task) come from the environment
+that slurm/common.sh sets (the one place to edit them).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from normscale.config import Config, NormscaleError, run_name
+from normscale.fileio import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_SCRIPT = ROOT / "slurm" / "sweep.sh"
+DEFAULT_MAX_ARRAY_SIZE = 1001
+RESUME_STATE = "resume/state.json"  # normscale.checkpoints' layout (not imported: it imports torch)
+
+
+@dataclass(frozen=True)
+class Point:
+    overrides: list[str]
+    run_dir: Path
+    max_steps: int
+
+    def state(self) -> str:
+        """finished | started (a resume state short of max_steps) | missing."""
+        state = self.run_dir / RESUME_STATE
+        if not state.exists():
+            return "missing"
+        return "finished" if json.loads(state.read_text())["step"] >= self.max_steps else "started"
+
+
+def compose(overrides: list[str], hydra_config: bool = False):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from normscale.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def grid(overrides: list[str]) -> list[list[str]]:
+    """Every point of the sweep: the fixed overrides plus one value of each swept key (Hydra's grammar)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from normscale.cli import check_overrides
+
+    check_overrides(overrides)
+    parser = OverridesParser.create()
+    command_line = parser.parse_overrides(overrides)
+    fixed = [o.input_line for o in command_line if not o.is_sweep_override()]
+    preset = compose(fixed, hydra_config=True)
+    swept = {key: [f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
+             for key, value in (preset.hydra.sweeper.params or {}).items()}
+    for override in command_line:
+        key = override.get_key_element()
+        swept.pop(key, None)  # the command line wins, and its keys come last
+        if override.is_sweep_override():
+            swept[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+    return [fixed + list(choice) for choice in itertools.product(*swept.values())]
+
+
+def resolve(point: list[str]) -> Point:
+    from normscale.cli import to_config
+
+    config: Config = to_config(compose(point))
+    return Point(point, config.experiment_dir / "runs" / run_name(point, config.seed), config.training_kwargs.max_steps)
+
+
+def array_spec(indices: list[int]) -> str:
+    """Compressed sbatch --array spec: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    parts = []
+    for _, run in itertools.groupby(enumerate(indices), key=lambda pair: pair[1] - pair[0]):
+        run = [i for _, i in run]
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+def chunks(indices: list[int], max_array_size: int) -> list[tuple[int, list[int]]]:
+    """(offset, task ids relative to it) per array: task ids stay below MaxArraySize."""
+    out = []
+    for index in indices:
+        if not out or index - out[-1][0] >= max_array_size:
+            out.append((index, []))
+        out[-1][1].append(index - out[-1][0])
+    return out
+
+
+def max_array_size() -> int:
+    shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", shown, re.MULTILINE)
+    return int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
+
+
+def resources() -> dict[str, str]:
+    """Per-array-task resources: slurm/site.env, loaded by normscale.cli.load_env (the environment wins)."""
+    return {"partition": os.environ.get("NORMSCALE_PARTITION", ""), "account": os.environ.get("NORMSCALE_ACCOUNT", ""),
+            "time": os.environ.get("NORMSCALE_TIME_MIN", ""),
+            "cpus_per_task": os.environ.get("NORMSCALE_CPUS_PER_TASK", "2"),
+            "gpus_per_task": os.environ.get("NORMSCALE_GPUS_PER_TASK", "0"),
+            "mem": os.environ.get("NORMSCALE_MEM", ""),
+            "signal_seconds": os.environ.get("NORMSCALE_SIGNAL_SECONDS", "120"),
+            "throttle": os.environ.get("NORMSCALE_ARRAY_THROTTLE", "0")}
+
+
+def sbatch_command(manifest: Path, offset: int, task_ids: list[int], name: str, log_dir: Path, res: dict,
+                   throttle: int) -> list[str]:
+    spec = array_spec(task_ids) + (f"%{throttle}" if throttle > 0 else "")
+    command = ["sbatch", "--parsable", f"--array={spec}", f"--job-name=ns-{name}",
+               f"--output={log_dir}/%A_%a.out", "--open-mode=append", "--requeue",
+               f"--signal=B:USR1@{res['signal_seconds']}", f"--cpus-per-task={res['cpus_per_task']}",
+               f"--export=ALL,NORMSCALE_ROOT={ROOT},NORMSCALE_SWEEP_MANIFEST={manifest},NORMSCALE_SWEEP_OFFSET={offset}"]
+    for key in ("partition", "account", "time"):
+        if res[key]:
+            command.append(f"--{key}={res[key]}")
+    if int(res["gpus_per_task"]):
+        command.append(f"--gpus-per-task={res['gpus_per_task']}")
+    if res["mem"]:
+        command.append(f"--mem={res['mem']}")
+    return [*command, str(SWEEP_SCRIPT)]
+
+
+def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | None:
+    points = [resolve(p) for p in grid(overrides)]
+    states = [p.state() for p in points]
+    todo = [i for i, s in enumerate(states) if s != "finished"]
+    for i, (point, state) in enumerate(zip(points, states)):
+        print(f"{i:4d}  {state:8s}  {' '.join(point.overrides)}")
+    print(f"normscale: {len(points)} point(s), {len(points) - len(todo)} finished, {len(todo)} to run")
+    if not submit or not todo:
+        return None
+    res = resources()
+    throttle = int(res["throttle"]) if throttle is None else throttle
+    experiment_dir = points[0].run_dir.parent.parent
+    record = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "overrides": overrides,
+              "points": [p.overrides for p in points], "run_dirs": [str(p.run_dir) for p in points],
+              "submitted": todo, "resources": res, "throttle": throttle, "jobs": []}
+    digest = hashlib.sha256(json.dumps(record["points"]).encode()).hexdigest()[:8]
+    sweeps = experiment_dir / "sweeps"
+    manifest = sweeps / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}.json"
+    log_dir = sweeps / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    write_json(manifest, record)  # frozen before any task can start
+    name = experiment_dir.name
+    for offset, task_ids in chunks(todo, max_array_size()):
+        command = sbatch_command(manifest, offset, task_ids, name, log_dir, res, throttle)
+        job_id = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+        record["jobs"].append({"job_id": job_id, "offset": offset, "array": array_spec(task_ids)})
+        print(f"normscale: submitted array job {job_id} (--array={array_spec(task_ids)}, offset {offset}); "
+              f"logs {log_dir}/{job_id}_<task>.out")
+    write_json(manifest, record)
+    print(f"normscale: manifest {manifest}")
+    return manifest
+
+
+def point(manifest: Path, index: int) -> list[str]:
+    points = json.loads(Path(manifest).read_text())["points"]
+    if not 0 <= index < len(points):
+        raise NormscaleError(f"sweep index {index} is outside {manifest} ({len(points)} points)")
+    return points[index]
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """{"<job>_<task>": (state, exit code)} of array tasks from sacct (the latest record of each)."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "--format=JobID,State,ExitCode", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, check=True).stdout
+    states = {}
+    for line in out.splitlines():
+        job, state, code = line.split("|")
+        states[job] = (state.split()[0], code)
+    return states
+
+
+def status(overrides: list[str], manifest: Path | None) -> dict[str, list[int]]:
+    """Print and return the points by state: finished, running, failed (with log paths), missing."""
+    if manifest is None:
+        points = grid(overrides)
+        sweeps = resolve(points[0]).run_dir.parent.parent / "sweeps"
+        manifests = sorted(sweeps.glob("*.json"), key=lambda p: p.stat().st_mtime) if sweeps.exists() else []
+        manifest = manifests[-1] if manifests else None
+    record = json.loads(Path(manifest).read_text()) if manifest else {"points": grid(overrides), "jobs": []}
+    log_dir = Path(manifest).parent / "logs" if manifest else None
+    by_index = {}
+    for job in record["jobs"]:
+        task_ids = [int(t) for part in job["array"].split(",") for t in _expand(part)]
+        for task in task_ids:
+            by_index[job["offset"] + task] = f"{job['job_id']}_{task}"
+    states = slurm_states([j["job_id"] for j in record["jobs"]])
+    groups = {"finished": [], "running": [], "failed": [], "missing": []}
+    for i, overrides_i in enumerate(record["points"]):
+        disk = resolve(overrides_i).state()
+        task = by_index.get(i)
+        slurm, code = states.get(task, ("", "")) if task else ("", "")
+        if disk == "finished":
+            group, detail = "finished", ""
+        elif slurm in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED"):
+            group, detail = "running", f"{task} {slurm}"
+        elif slurm in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "PREEMPTED", "BOOT_FAIL",
+                       "DEADLINE", "COMPLETED"):
+            group, detail = "failed", f"{task} {slurm} exit {code}, log {log_dir}/{task}.out"
+        else:
+            group, detail = "missing", ""
+        groups[group].append(i)
+        print(f"{i:4d}  {group:8s}  {' '.join(overrides_i)}  {detail}".rstrip())
+    print("normscale: " + ", ".join(f"{len(v)} {k}" for k, v in groups.items()) +
+          (f" (manifest {manifest})" if manifest else " (never submitted)"))
+    return groups
+
+
+def _expand(part: str) -> list[int]:
+    first, _, last = part.partition("-")
+    return list(range(int(first), int(last or first) + 1))
+
+
+def main() -> None:
+    from normscale.cli import fail, load_env
+
+    parser = argparse.ArgumentParser(prog="python -m normscale.sweep", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_plan = sub.add_parser("plan", help="list the sweep's points; --submit sends the array to SLURM")
+    p_plan.add_argument("--submit", action="store_true")
+    p_plan.add_argument("--throttle", type=int, help="at most N array tasks at once (%%N); default NORMSCALE_ARRAY_THROTTLE")
+    p_status = sub.add_parser("status", help="finished, running, failed and missing points")
+    p_status.add_argument("--manifest", type=Path)
+    p_point = sub.add_parser("point", help="one point's overrides (used by slurm/sweep.sh)")
+    p_point.add_argument("--manifest", type=Path, required=True)
+    p_point.add_argument("--index", type=int, required=True)
+    args, overrides = parser.parse_known_args()
+    load_env()
+    try:
+        if args.command == "plan":
+            plan(overrides, args.submit, args.throttle)
+        elif args.command == "status":
+            status(overrides, args.manifest)
+        else:
+            print("\n".join(point(args.manifest, args.index)))
+    except NormscaleError as error:
+        fail(str(error))
+    except subprocess.CalledProcessError as error:
+        fail(f"{' '.join(error.cmd)} failed ({error.returncode}): {error.stderr.strip()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
