@@ -33,7 +33,8 @@ ETC_LINK=/etc/slurm/slurm.conf
 export SLURM_CONF=$CONF
 
 say() { echo "local_slurm: $*" >&2; }
-die() { say "ERROR: $*"; exit 1; }
+HINT=
+die() { say "ERROR: $*"; [[ -z $HINT ]] || say "$HINT"; exit 1; }
 
 # $1 did not come up: name it, point at its log(s) and show their ends.
 fail_daemon() {
@@ -41,6 +42,7 @@ fail_daemon() {
     say "ERROR: $what did not start; see $*"
     local f
     for f in "$@"; do [[ -s $f ]] && { echo "----- tail $f" >&2; tail -n 20 "$f" >&2; }; done
+    [[ -z $HINT ]] || say "$HINT"
     exit 1
 }
 
@@ -66,6 +68,7 @@ spawn() {
     local name=$1 out=$2; shift 2
     setsid "$@" </dev/null >>"$out" 2>&1 9>&- &
     echo $! >"$PIDS/$name.pid"
+    STARTED=1
 }
 
 # wait_until SECONDS DAEMON WHAT LOGS -- CMD...: poll CMD until it succeeds; fail when DAEMON dies or time is up.
@@ -102,10 +105,15 @@ stop_daemon() {
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# Fail clearly when a port we need is held by something this script did not start.
-require_free_port() {
-    port_in_use "$1" && die "port $1 ($2) is in use by a process this script did not start (another SLURM?)"
-    return 0
+# Before starting anything: fail clearly when a port a stopped daemon of ours needs is held by something else.
+check_ports() {
+    local d port
+    for d in slurmdbd:$DBD_PORT slurmctld:$CTLD_PORT slurmd:$SLURMD_PORT; do
+        port=${d#*:} d=${d%:*}
+        if ! alive "$d" && port_in_use "$port"; then
+            die "port $port ($d) is in use by a process this script did not start (another SLURM?)"
+        fi
+    done
 }
 
 # ---------------------------------------------------------------------------------------------- packages
@@ -168,7 +176,11 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$((real_mib / cpus))
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
+# Backfill every second (arrays start fast); the main loop every 2 s starts jobs whose begin time just passed
+# (requeued ones), which backfill alone leaves until its next state change.
+SchedulerParameters=bf_interval=1,sched_interval=2
+# A requeued job waits cred_expire seconds before it may start again (default 120).
+AuthInfo=cred_expire=10
 MaxArraySize=1001
 MaxJobCount=20000
 JobRequeue=1
@@ -249,7 +261,6 @@ start_munge() {
     chmod 0755 /run/munge
     say "starting munged"
     spawn munged "$LOG/munged.out" setpriv --reuid=munge --regid=munge --init-groups -- /usr/sbin/munged -F
-    STARTED=1
     wait_until 30 munged munged "$LOG/munged.out" /var/log/munge/munged.log -- munge_works
 }
 
@@ -266,11 +277,17 @@ mysql_port() {
 }
 
 start_mariadb() {
-    local port=$1
-    if alive mariadbd && mysql -e 'SELECT 1' >/dev/null 2>&1; then
+    local port=$1 args changed=
+    args=(--no-defaults --user=root --datadir="$DIR/mysql" --socket="$MYSQL_SOCK" --port="$port"
+        --bind-address=127.0.0.1 --skip-name-resolve --pid-file="$DIR/state/mariadbd.pid"
+        --log-error="$LOG/mariadb.log" --performance-schema=OFF --innodb-flush-log-at-trx-commit=2
+        --innodb-buffer-pool-size=512M --innodb-lock-wait-timeout=900) # the last two: what slurmdbd asks for
+    printf '%s\n' "${args[@]}" | write_if_changed "$DIR/etc/mariadbd.args" 0644 && changed=1
+    if alive mariadbd && [[ -z $changed ]] && mysql -e 'SELECT 1' >/dev/null 2>&1; then
         say "mariadbd running (pid $(recorded_pid mariadbd), port $port)"
         return
     fi
+    alive mariadbd && [[ -n $changed ]] && say "mariadbd options changed: restarting it"
     stop_daemon mariadbd
     if [[ ! -d $DIR/mysql/mysql ]]; then
         say "initialising the accounting database in $DIR/mysql"
@@ -280,11 +297,8 @@ start_mariadb() {
             fail_daemon "mariadb-install-db" "$LOG/mariadb-install.log"
     fi
     say "starting mariadbd (port $port)"
-    spawn mariadbd "$LOG/mariadb.out" /usr/sbin/mariadbd --no-defaults --user=root --datadir="$DIR/mysql" \
-        --socket="$MYSQL_SOCK" --port="$port" --bind-address=127.0.0.1 --skip-name-resolve \
-        --pid-file="$DIR/state/mariadbd.pid" --log-error="$LOG/mariadb.log" --performance-schema=OFF \
-        --innodb-buffer-pool-size=512M --innodb-lock-wait-timeout=900 --innodb-flush-log-at-trx-commit=2
-    STARTED=1
+    spawn mariadbd "$LOG/mariadb.out" /usr/sbin/mariadbd "${args[@]}"
+    MARIADB_STARTED=1
     wait_until 60 mariadbd mariadbd "$LOG/mariadb.log" "$LOG/mariadb.out" -- mysql -e 'SELECT 1'
 }
 
@@ -311,10 +325,8 @@ start_slurmdbd() {
     local restart=$1
     if alive slurmdbd && [[ -z $restart ]]; then say "slurmdbd running (pid $(recorded_pid slurmdbd))"; return; fi
     stop_daemon slurmdbd
-    require_free_port "$DBD_PORT" slurmdbd
     say "starting slurmdbd"
     spawn slurmdbd "$LOG/slurmdbd.out" /usr/sbin/slurmdbd -D
-    STARTED=1
     # The first start creates the tables, which takes a while on a small machine.
     wait_until 180 slurmdbd slurmdbd "$LOG/slurmdbd.log" "$LOG/slurmdbd.out" -- dbd_works
 }
@@ -332,10 +344,8 @@ start_slurmctld() {
     local restart=$1
     if alive slurmctld && [[ -z $restart ]]; then say "slurmctld running (pid $(recorded_pid slurmctld))"; return; fi
     stop_daemon slurmctld
-    require_free_port "$CTLD_PORT" slurmctld
     say "starting slurmctld"
     spawn slurmctld "$LOG/slurmctld.out" /usr/sbin/slurmctld -D
-    STARTED=1
     wait_until 60 slurmctld slurmctld "$LOG/slurmctld.log" "$LOG/slurmctld.out" -- ctld_works
 }
 
@@ -346,25 +356,24 @@ start_slurmd() {
     local restart=$1
     if alive slurmd && [[ -z $restart ]]; then say "slurmd running (pid $(recorded_pid slurmd))"; return; fi
     stop_daemon slurmd
-    require_free_port "$SLURMD_PORT" slurmd
     say "starting slurmd (node $NODE)"
     spawn slurmd "$LOG/slurmd.out" /usr/sbin/slurmd -D -N "$NODE"
-    STARTED=1
 }
 
 # Wait for the node to be schedulable; a node left down/drained by an earlier run is resumed once it responds.
 wait_node() {
-    local deadline=$((SECONDS + 60)) state
+    local deadline=$((SECONDS + 60)) state next_resume=0
     until node_usable; do
         alive slurmd || fail_daemon "slurmd (process exited)" "$LOG/slurmd.log" "$LOG/slurmd.out"
         state=$(node_state)
-        if [[ $state =~ ^(down|drained|draining|fail|failing)$ ]]; then
+        if [[ $state =~ ^(down|drained|draining|fail|failing)$ ]] && ((SECONDS >= next_resume)); then
             say "node $NODE is $state; resuming it"
-            timeout 10 scontrol update nodename="$NODE" state=resume || true
+            timeout 10 scontrol update nodename="$NODE" state=resume 2>/dev/null || true
+            next_resume=$((SECONDS + 5))
         fi
-        if ((SECONDS >= deadline)); then
+        if [[ $state == inval ]] || ((SECONDS >= deadline)); then # inval: it registered with a config it cannot meet
             timeout 10 sinfo -R >&2 || true
-            fail_daemon "node $NODE (state '$state' after 60s)" "$LOG/slurmd.log" "$LOG/slurmctld.log"
+            fail_daemon "node $NODE (state '$state' after $((60 - deadline + SECONDS))s)" "$LOG/slurmd.log" "$LOG/slurmctld.log"
         fi
         sleep 0.5
     done
@@ -400,18 +409,21 @@ cmd_start() {
     chmod 0755 "$DIR"
     lock
     ensure_packages
-    STARTED=
+    STARTED= MARIADB_STARTED=
+    HINT="(daemons that did start keep running: \`$0 stop\` stops them)"
     render_slurm_conf | write_if_changed "$CONF" 0644 && conf_changed=1
 
+    check_ports
     start_munge
     port=$(mysql_port)
     start_mariadb "$port"
     pass=$(setup_accounting_db)
     render_slurmdbd_conf "$port" "$pass" | write_if_changed "$DBD_CONF" 0600 && dbd_changed=1
     # A daemon running with an older config is restarted; a fresh config on stopped daemons needs nothing.
+    [[ -n $MARIADB_STARTED ]] && dbd_changed=1 # slurmdbd gets a fresh connection
     alive slurmdbd || dbd_changed=
     alive slurmctld || alive slurmd || conf_changed=
-    [[ -n $dbd_changed ]] && say "slurmdbd.conf changed: restarting slurmdbd"
+    [[ -n $dbd_changed ]] && say "slurmdbd.conf or mariadbd changed: restarting slurmdbd"
     [[ -n $conf_changed ]] && say "slurm.conf changed: restarting slurmctld and slurmd"
 
     start_slurmdbd "$dbd_changed"
