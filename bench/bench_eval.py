@@ -46,6 +46,7 @@ from normscale.model import build_model  # noqa: E402
 
 SECTION = "## Evaluation throughput"
 EVAL_BATCH = 128
+CHECKPOINTS = 20  # checkpoints of a run, for the amortised ratio
 POOLED = ("loss", "kl", "d_M", "d_G", "d_MG")  # means over sequences and positions: equal batches average exactly
 
 
@@ -152,20 +153,23 @@ def main() -> None:
                     times["naive_m"].append(theirs["naive_m"])
                 else:
                     evaluator = ModelEvaluator(config)
-                    t64, m64 = normscale_m(evaluator, torch.float64)
+                    t64, _ = normscale_m(evaluator, torch.float64)
                     t32, m32 = normscale_m(evaluator, torch.float32)
                     times["m64"].append(t64)
                     times["m32"].append(t32)
             print(f"  round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
         splits = list(ours["evaluator"].splits)
         refs = {s: ours["evaluator"].references(s)["memorizing"] for s in splits}
+    loads = f"{load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
 
     n = args.sequences * len(splits)
-    rate = {k: n / statistics.median(v) for k, v in times.items()}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    rate = {k: n / t for k, t in median.items()}
     mib = args.naive_batch * config.task_kwargs.context_length * args.D * config.task_kwargs.num_dims * 4 / 2**20
     rows = [
         ("checkpoint", "normscale `ModelEvaluator.evaluate`, M and G cached", "cached", "predecessor"),
         ("checkpoint", "normscale, first checkpoint (M and G computed, then evaluate)", "first", "predecessor"),
+        ("checkpoint", "normscale, one-off part of the first: M and G references of every split", "references", None),
         ("checkpoint", f"predecessor: per batch of {args.naive_batch}, model + naive M + G + metrics",
          "predecessor", None),
         ("M predictor", "normscale `BayesPredictor`, float64 (as `ModelEvaluator` uses it)", "m64", "naive_m"),
@@ -176,19 +180,21 @@ def main() -> None:
     table = [f"| measurement | implementation | sequences/s (median of {args.repeats}) | every round (s) "
              "| normscale / predecessor |", "|---|---|---:|---:|---:|"]
     for what, name, key, base in rows:
-        ratio = f"**{rate[key] / rate[base]:.1f}x**" if base else "1x"
+        ratio = f"**{rate[key] / rate[base]:.1f}x**" if base else "1x" if key in ("predecessor", "naive_m") else ""
         table.append(f"| {what} | {name} | {rate[key]:.1f} | {', '.join(f'{t:.2f}' for t in times[key])} | {ratio} |")
 
     diff = lambda a, b: max((a[s].double() - b[s].double()).abs().max().item() for s in splits)  # noqa: E731
     scalar_diff = {name: max(abs(ours["scalars"][s][name] - theirs["scalars"][s][name]) for s in splits)
                    for name in (*POOLED, "w_M")}
     w_m = {s: round(ours["scalars"][s]["w_M"], 4) for s in splits}
-    refs_share = statistics.median(times["references"]) / statistics.median(times["first"])
-    naive_share = statistics.median(times["naive_m"]) / statistics.median(times["predecessor"])
+    refs_share, naive_share = median["references"] / median["first"], median["naive_m"] / median["predecessor"]
     summary = [
         f"Per checkpoint with M and G cached, normscale evaluates **{rate['cached'] / rate['predecessor']:.0f}x** "
         f"the predecessor's sequences/s; its first checkpoint, which computes them, "
-        f"{rate['first'] / rate['predecessor']:.1f}x. Computing M: normscale float64 "
+        f"{rate['first'] / rate['predecessor']:.1f}x; over a run of {CHECKPOINTS} checkpoints "
+        "(references computed once), "
+        f"{CHECKPOINTS * median['predecessor'] / (median['references'] + CHECKPOINTS * median['cached']):.0f}x. "
+        "Computing M: normscale float64 "
         f"{rate['m64'] / rate['naive_m']:.1f}x, float32 {rate['m32'] / rate['naive_m']:.1f}x the naive version.",
         f"What dominates: the predecessor spends {100 * naive_share:.0f}% of its checkpoint time materialising M "
         f"(recomputed for every checkpoint); normscale's first checkpoint spends {100 * refs_share:.0f}% computing "
@@ -198,6 +204,8 @@ def main() -> None:
         f"{diff(m32, theirs['memorizing']):.2e}. Scalars of the two checkpoint paths, max |difference| over splits: "
         + ", ".join(f"{k} {v:.1e}" for k, v in scalar_diff.items())
         + f" (normscale's w_M: {w_m}).",
+        "Timings on this shared 2-core VM vary from round to round (see the per-round times); the ratios are of "
+        "medians of interleaved rounds, so drift in the load hits both sides alike.",
     ]
     command = f".venv/bin/python bench/bench_eval.py {' '.join(sys.argv[1:])}".strip()
     text = "\n".join([
@@ -211,7 +219,7 @@ def main() -> None:
         "the predecessor spends in `naive_memorizing` within its checkpoint evaluation. Rounds interleaved, order "
         "alternating.", "",
         f"Command: `{command}`", "",
-        f"Machine: {machine()}; 1-minute load average {load:.2f} at the start (the machine is shared)", "",
+        f"Machine: {machine()}; 1-minute load average {loads} (the machine is shared)", "",
         *table, "", *[f"- {line}" for line in summary], "",
     ])
     print(text)
