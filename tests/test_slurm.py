@@ -147,17 +147,18 @@ def test_array_sweep_completes_and_resubmission_runs_exactly_what_is_missing(clu
 
 
 def test_a_failing_task_reports_its_log_and_the_others_finish(cluster, tmp_path):
-    record = run_sweep(tmp_path, "fail", "model_kwargs.num_heads=1,3")  # hidden 16 is not divisible by 3 heads
+    # a point that passes planning and fails in its task: its data exceed a tiny storage budget
+    record = run_sweep(tmp_path, "fail", "data_kwargs.max_storage_gb=10,0.000001")
     assert_complete(Path(record["run_dirs"][0]))
     status = subprocess.run([sys.executable, "-m", "normscale.sweep", "status", "name=fail", *TINY,
-                             "model_kwargs.num_heads=1,3"], cwd=ROOT, env=env_for(tmp_path), capture_output=True,
+                             "data_kwargs.max_storage_gb=10,0.000001"], cwd=ROOT, env=env_for(tmp_path), capture_output=True,
                             text=True, check=True).stdout
     assert "1 finished, 0 running, 1 failed, 0 missing" in status
     job = record["jobs"][0]["job_id"]
     log = tmp_path / f"experiments/balls_and_urns/fail/sweeps/logs/{job}_1.out"
     assert f"log {log}" in status
     text = log.read_text()
-    assert "must be divisible by model_kwargs.num_heads=3" in text and f"log: {log}" in text
+    assert "over data_kwargs.max_storage_gb=1e-06" in text and f"log: {log}" in text
 
 
 def test_preempted_array_task_requeues_and_resumes_with_every_checkpoint(cluster, tmp_path):
@@ -188,9 +189,9 @@ def test_hydra_submitit_launcher_runs_the_same_run_directories(cluster, tmp_path
     done = subprocess.run([sys.executable, "-m", "normscale.train", *args], cwd=ROOT, env=env_for(tmp_path),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    planned = [sweep.resolve(p).run_dir for p in sweep.grid(["name=hyd", *TINY, "task_kwargs.num_tasks=2,4,8"])]
+    planned = [sweep.resolve(p).run_dir.name for p in sweep.grid(["name=hyd", *TINY, "task_kwargs.num_tasks=2,4,8"])]
     runs = sorted((tmp_path / "experiments/balls_and_urns/hyd/runs").iterdir())
-    assert runs == sorted(planned)  # the paths slurm/sweep.sh would use
+    assert [r.name for r in runs] == sorted(planned)  # the run directories slurm/sweep.sh would use
     for run_dir in runs:
         assert_complete(run_dir)
     assert list((tmp_path / "experiments/balls_and_urns/hyd/.submitit").iterdir())  # it went through submitit
@@ -205,3 +206,31 @@ def test_multinode_script_runs_two_machines_as_two_slurm_tasks(cluster, tmp_path
     assert "on 2 process(es)" in text and "parameters identical on all 2 ranks" in text
     run_dir = next((tmp_path / "experiments/balls_and_urns/mn/runs").iterdir())
     assert_complete(run_dir)
+
+
+def test_hydra_path_preemption_follows_submitits_checkpoint_and_requeue_contract(cluster, tmp_path):
+    """USR2 (submitit's warning signal) mid-run: the run saves its resume state, submitit requeues the job, and the
+    requeued job resumes the run at a step > 0 and ends with every scheduled checkpoint."""
+    args = ["-m", "hydra/launcher=slurm", "name=hpre", *TINY, "training_kwargs.max_steps=3000",
+            "training_kwargs.save_steps.num_checkpoints=4"]
+    hydra = subprocess.Popen([sys.executable, "-m", "normscale.train", *args], cwd=ROOT, env=env_for(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    experiment_dir = tmp_path / "experiments/balls_and_urns/hpre"
+    deadline = time.time() + 300
+    while not list(experiment_dir.glob("runs/*/train_metrics.jsonl")) or \
+            len(next(experiment_dir.glob("runs/*/train_metrics.jsonl")).read_text().splitlines()) < 3:
+        assert time.time() < deadline and hydra.poll() is None, "training never started"
+        time.sleep(0.5)
+    job = subprocess.run(["squeue", "-h", "-n", "ns-hpre", "-o", "%i"], capture_output=True, text=True,
+                         check=True).stdout.split()[0]
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    out, _ = hydra.communicate(timeout=600)
+    assert hydra.returncode == 0, out[-3000:]
+    run_dir = next(experiment_dir.glob("runs/*"))
+    logs = "\n".join(p.read_text() for p in (experiment_dir / ".submitit").rglob("*_log.out"))
+    assert "normscale: preempted; resume state saved at step" in logs, logs[-3000:]
+    assert "Caught signal SIGUSR2" in logs and "DUE TO JOB REQUEUE" in logs, logs[-3000:]  # submitit requeued it
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in logs.splitlines() if line.startswith("normscale: resumed at step")]
+    assert resumed and resumed[0] > 0, logs[-3000:]
+    assert [s for s, _ in list_checkpoints(run_dir)] == sorted({0, *checkpoint_schedule("sqrt_schedule", 3000, 4, 10)})
+    assert resume_step(run_dir) == 3000
