@@ -3,9 +3,12 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.timeout(2400)  # about 6 minutes on a quiet 2-core machine; far longer when it is shared
 def test_make_demo_runs_the_pipeline_and_small_d_memorises_while_large_d_generalises(tmp_path):
     env = {**os.environ, "CACHE_DIR": str(tmp_path)}
     result = subprocess.run(["make", "--no-print-directory", "demo"], cwd=ROOT, env=env, capture_output=True,
