@@ -45,6 +45,7 @@ from normscale.fileio import atomic_path, file_lock
 SCHEMA, FORMAT = "normscale.metrics", 1
 COLLATED_FILE = "metrics.h5"
 MODE_OF_FILE = {name: mode for mode, name in METRICS_FILES.items()}
+SINGLE_SHOT_MODELS = ("bayes", "llm")  # no checkpoints; rows with checkpoint None
 
 
 def metrics_files(experiment_dir: Path) -> list[tuple[str, str, str, Path]]:
@@ -187,7 +188,8 @@ def read_results(path: Path, with_arrays: bool = False):
     rows = []
     with h5py.File(path, "r") as f:
         runs = f["runs"]
-        trained_overrides = [json.loads(g.attrs["overrides"]) for g in runs.values() if g.attrs["kind"] == ""]
+        trained_overrides = [json.loads(g.attrs["overrides"]) for g in runs.values()
+                             if g.attrs["model"] not in SINGLE_SHOT_MODELS]
         parameters = sweep_parameters(trained_overrides)
         for run_group in runs.values():
             raw_config = json.loads(run_group.attrs["config"])

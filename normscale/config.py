@@ -18,7 +18,10 @@ from pathlib import Path
 SETTINGS = ("balls_and_urns", "linear_regression", "classification")
 TASK_PRIORS = ("uniform", "power_law", "constant_freq")
 SCHEDULES = ("sqrt_schedule", "linear_schedule", "end_only")
-MODELS = ("transformer", "mlp", "hf_gpt_neox", "bayes")
+MODELS = ("transformer", "mlp", "hf_gpt_neox", "bayes", "llm")
+LLM_SHARDING = ("none", "device_map", "fsdp")
+LLM_DTYPES = ("float32", "bfloat16", "float16")
+COLOUR_MAPPINGS = ("random", "fixed")
 BAYES_KINDS = ("memorizing", "generalizing", "const")
 DATA_SOURCES = ("shards", "generate")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -99,6 +102,15 @@ class ModelConfig:
     parametrization: str = "sp"
     base_width: int = 128  # muP base width
     kind: str = "memorizing"  # model=bayes: which predictor
+    # model=llm: a pretrained causal LM (SPEC F)
+    model_path: str | None = None  # a local directory or a hub id
+    dtype: str = "bfloat16"
+    sharding: str = "none"  # none | device_map (Accelerate's dispatch) | fsdp (each rank holds 1/world, under accelerate launch)
+    max_memory_mb: int | None = None  # device_map: budget per device (cpu included); the rest goes to offload_folder
+    offload_folder: str | None = None
+    trust_remote_code: bool = False
+    colour_mapping: str = "random"  # random (per sequence) | fixed
+    vocab_chunk: int = 8192  # rows of the output embedding per step of the chunked log-normaliser
 
     def check(self, key: str) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "base_width"):
@@ -109,6 +121,10 @@ class ModelConfig:
             raise ConfigError(f"{key}.hidden_size={self.hidden_size} must be divisible by {key}.num_heads={self.num_heads}")
         _choice(f"{key}.parametrization", self.parametrization, PARAMETRIZATIONS)
         _choice(f"{key}.kind", self.kind, BAYES_KINDS)
+        _choice(f"{key}.sharding", self.sharding, LLM_SHARDING)
+        _choice(f"{key}.dtype", self.dtype, LLM_DTYPES)
+        _choice(f"{key}.colour_mapping", self.colour_mapping, COLOUR_MAPPINGS)
+        _at_least(f"{key}.vocab_chunk", self.vocab_chunk, 1)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,8 @@ class ModelEvaluator:
         else:
             arrays = {"single_task": load_single_task_split(config, ev.sequences_per_task)}
         self.splits = {s: to_torch(a, setting) for s, a in arrays.items()}
+        for split in self.splits.values():  # a row's identity, whatever batch or rank scores it (LLM colour mappings)
+            split["sequence_index"] = torch.arange(len(split["task_ids"]))
         pools = load_task_pools(plan.directory)
         self.train_tasks = pools["train"]
         self.log_prior = torch.from_numpy(np.log(task_prior_weights(
@@ -79,7 +83,8 @@ class ModelEvaluator:
         self._references: dict[str, dict[str, torch.Tensor]] = {}
 
     def predictor(self, kind: str) -> torch.nn.Module:
-        return build_bayes(self.config.setting, kind, self.config.task_kwargs, self.train_tasks, self.log_prior)
+        predictor = build_bayes(self.config.setting, kind, self.config.task_kwargs, self.train_tasks, self.log_prior)
+        return predictor.to(self.device)
 
     def references(self, split: str) -> dict[str, torch.Tensor]:
         """M's and G's predictions on a split (computed on first use, split across ranks like any model)."""
@@ -88,37 +93,49 @@ class ModelEvaluator:
         return self._references[split]
 
     @torch.no_grad()
-    def predict(self, model: torch.nn.Module, split: str) -> tuple[torch.Tensor, dict[int, list[int]]]:
-        """(N, ...) float32 predictions of `model` on a split, on CPU: rank r scores batches r, r + world, ...; the
-        results are gathered in batch order. Also {rank: batch indices it scored}."""
+    def predict(self, model: torch.nn.Module, split: str, collective: bool = False
+                ) -> tuple[torch.Tensor, dict[int, list[int]], torch.Tensor | None]:
+        """(N, ...) float32 predictions of `model` (already on its devices) on a split, on CPU: rank r scores batches
+        r, r + world, ...; the results are gathered in batch order. Also {rank: batch indices it scored} and, for
+        models that report it after each call (LLMs), the (N, P) `coverage`. `collective`: the model's forward is a
+        collective (FSDP), so every rank runs the same number of forwards, repeating batch 0 where it has none."""
         arrays, size = self.splits[split], self.config.eval_kwargs.batch_size
         total = len(next(iter(arrays.values())))
         count = math.ceil(total / size)
-        model = model.to(self.device).eval()
+        model.eval()
         mine = {}
-        for b in range(self.rank, count, self.world):
-            batch = {k: v[b * size:(b + 1) * size].to(self.device) for k, v in arrays.items()}
-            mine[b] = as_predictions(self.config.setting, model(batch), self.config.task_kwargs.num_dims).cpu()
-        parts = gather_indexed(self.accelerator, {b: (self.rank, p) for b, p in mine.items()}) \
-            if self.accelerator else {b: (0, p) for b, p in mine.items()}
+        rounds = math.ceil(count / self.world) if collective else 0
+        for b in (range(self.rank, rounds * self.world, self.world) if collective else range(self.rank, count, self.world)):
+            batch = {k: v[(b if b < count else 0) * size:((b if b < count else 0) + 1) * size].to(self.device)
+                     for k, v in arrays.items()}
+            predictions = as_predictions(self.config.setting, model(batch), self.config.task_kwargs.num_dims).cpu()
+            coverage = getattr(model, "coverage", None)
+            if b < count:
+                mine[b] = (self.rank, predictions, None if coverage is None else coverage.float().cpu())
+        parts = gather_indexed(self.accelerator, mine) if self.accelerator else mine
         if sorted(parts) != list(range(count)):
             raise NormscaleError(f"gathered eval batches {sorted(parts)} of {count}: some are missing")
         by_rank = {}
         for b in range(count):
             by_rank.setdefault(parts[b][0], []).append(b)
-        return torch.cat([parts[b][1] for b in range(count)]), by_rank
+        coverage = None if parts[0][2] is None else torch.cat([parts[b][2] for b in range(count)])
+        return torch.cat([parts[b][1] for b in range(count)]), by_rank, coverage
 
-    def evaluate(self, model: torch.nn.Module) -> dict:
+    def evaluate(self, model: torch.nn.Module, collective: bool = False) -> dict:
         """Every split: SPEC C scalars and per-position arrays, the fit subset's predictions, and what
-        eval_kwargs asks for besides (per-task metrics in single_task mode, predictions and labels, hidden states)."""
+        eval_kwargs asks for besides (per-task metrics in single_task mode, predictions and labels, hidden states);
+        for LLMs the candidate coverage (scalar `coverage` and per position)."""
         ev, setting = self.config.eval_kwargs, self.config.setting
         results = {"splits": {}}
         for split, arrays in self.splits.items():
-            predictions, by_rank = self.predict(model, split)
+            predictions, by_rank, coverage = self.predict(model, split, collective)
             refs = self.references(split)
             summary = summarize(setting, predictions, refs["memorizing"], refs["generalizing"], arrays)
             summary |= {"num_sequences": len(predictions), "batches_by_rank": by_rank,
                         "fit_predictions": predictions[:ev.fit_size].half()}
+            if coverage is not None:
+                summary["scalars"]["coverage"] = coverage.double().mean().item()
+                summary["per_position"]["coverage"] = coverage.double().mean(0).float()
             if ev.mode == "single_task":
                 summary["per_task"] = self._per_task(predictions, refs, arrays)
             results["splits"][split] = summary
@@ -160,7 +177,6 @@ class ModelEvaluator:
         size = config.eval_kwargs.strategy_loss_sequences // STRATEGY_LOSS_GROUPS
         dataset = MixtureDataset(setting, config.task_kwargs, self.train_tasks, config.task_kwargs.prior,
                                  batch_size=size, seed=config.seed)
-        predictor = predictor.to(self.device)
         means = {}
         for g in range(self.rank, STRATEGY_LOSS_GROUPS, self.world):
             batch = dataset.sample(size, f"strategy_loss/{g}", exclude_query=False)
@@ -249,7 +265,7 @@ def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
         weights, meta = load_checkpoint(run / f"checkpoint-{step}")
         model = build_model(run_config)
         model.load_state_dict(weights)
-        results = evaluator.evaluate(model)
+        results = evaluator.evaluate(model.to(accelerator.device))
         path = run / f"checkpoint-{step}" / filename
         if accelerator.is_main_process:
             save_metrics(path, {**evaluator.header(), "model": run_config.model, "kind": None, "run": run.name,
@@ -262,47 +278,106 @@ def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
     return written
 
 
-def evaluate_bayes(config: Config, accelerator) -> list[Path]:
-    kind = config.model_kwargs.kind
-    sources = [with_eval_kwargs(read_config(run), config) for run in trained_runs(config)] or [config]
+def experiment_datasets(config: Config, **changes) -> list[tuple[Path, Config]]:
+    """Every dataset the experiment's trained runs used (the config's own when nothing is trained), each with a
+    config for it: the run's task and data, this command's eval_kwargs, CACHE_DIR and `changes`."""
+    sources = [read_config(run) for run in trained_runs(config)] or [config]
     datasets: dict[Path, Config] = {}
     for source in sources:
-        datasets.setdefault(plan_data(source).directory, source)
+        datasets.setdefault(plan_data(source).directory, with_eval_kwargs(source, config, **changes))
+    return sorted(datasets.items())
+
+
+def evaluate_single_shot(config: Config, accelerator, label: str, kind: str | None, changes: dict,
+                         overrides: list[str], score: Callable[[ModelEvaluator], dict]) -> list[Path]:
+    """A model without checkpoints (a Bayes predictor, an LLM) on every dataset of the experiment: results in
+    runs/<label>/<dataset>/ with the config used; existing results are kept unless overwrite=true."""
     filename = METRICS_FILES[config.eval_kwargs.mode]
-    written = []
-    for directory, source in sorted(datasets.items()):
-        bayes_config = with_eval_kwargs(source, config, model="bayes",
-                                        model_kwargs=dataclasses.replace(source.model_kwargs, kind=kind))
-        out = config.experiment_dir / "runs" / f"bayes-{kind}" / directory.name
+    todo = []
+    for directory, dataset_config in experiment_datasets(config, **changes):
+        out = config.experiment_dir / "runs" / label / directory.name
         if (out / filename).exists() and not config.overwrite:
             accelerator.print(f"normscale: {out / filename} exists; overwrite=true evaluates it again")
-            continue
+        else:
+            todo.append((directory, dataset_config, out))
+    written = []
+    for directory, dataset_config, out in todo:
         if accelerator.is_main_process:
-            prepare_data(bayes_config, train_shards=False)
+            prepare_data(dataset_config, train_shards=False)
         accelerator.wait_for_everyone()
-        evaluator = ModelEvaluator(bayes_config, accelerator)
-        predictor = evaluator.predictor(kind)
-        results = evaluator.evaluate(predictor)
-        results["strategy_loss"] = evaluator.strategy_loss(predictor)
+        evaluator = ModelEvaluator(dataset_config, accelerator)
+        results = score(evaluator)
         if accelerator.is_main_process:
-            write_config(out, bayes_config, ["model=bayes", f"model_kwargs.kind={kind}"])
-            save_metrics(out / filename, {**evaluator.header(), "model": "bayes", "kind": kind,
-                                          "run": f"bayes-{kind}/{directory.name}", "step": None,
-                                          "checkpoint_meta": None, **results})
-            accelerator.print(f"normscale: bayes {kind} on {directory.name}: L_s "
-                              f"{results['strategy_loss']['median_of_means']:.4f} -> {out / filename}")
+            write_config(out, dataset_config, overrides)
+            save_metrics(out / filename, {**evaluator.header(), "model": dataset_config.model, "kind": kind,
+                                          "run": f"{label}/{directory.name}", "step": None, "checkpoint_meta": None,
+                                          **results})
+            summary = ", ".join(f"{split} w_M {r['scalars']['w_M']:.3f}" for split, r in results["splits"].items())
+            accelerator.print(f"normscale: {label} on {directory.name}: {summary} -> {out / filename}")
         written.append(out / filename)
     accelerator.wait_for_everyone()
     return written
+
+
+def evaluate_bayes(config: Config, accelerator) -> list[Path]:
+    kind = config.model_kwargs.kind
+
+    def score(evaluator: ModelEvaluator) -> dict:
+        predictor = evaluator.predictor(kind)
+        return {**evaluator.evaluate(predictor), "strategy_loss": evaluator.strategy_loss(predictor)}
+
+    changes = {"model": "bayes", "model_kwargs": dataclasses.replace(config.model_kwargs, kind=kind)}
+    return evaluate_single_shot(config, accelerator, f"bayes-{kind}", kind, changes,
+                                ["model=bayes", f"model_kwargs.kind={kind}"], score)
+
+
+def llm_label(model_path: str) -> str:
+    """runs/llm-<label>: the last component of the local directory or hub id, made path-safe."""
+    return "llm-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_path.rstrip("/").split("/")[-1])
+
+
+def evaluate_llm(config: Config, accelerator) -> list[Path]:
+    """A pretrained causal LM on the experiment's urn sequences (SPEC F), loaded once, scored on every dataset."""
+    from normscale.dist.llm import load_llm, parameter_bytes
+    from normscale.model.llm import COLOUR_WORDS, LLMScorer
+
+    kwargs = config.model_kwargs
+    if config.setting != "balls_and_urns":
+        raise NormscaleError(f"model=llm evaluates balls_and_urns sequences (SPEC F), not setting={config.setting}")
+    if config.task_kwargs.num_dims > len(COLOUR_WORDS):
+        raise NormscaleError(f"task_kwargs.num_dims={config.task_kwargs.num_dims} colours, but only "
+                             f"{len(COLOUR_WORDS)} colour words are defined (normscale.model.llm.COLOUR_WORDS)")
+    if not kwargs.model_path:
+        raise NormscaleError("model=llm needs model_kwargs.model_path=<local directory or hub id>")
+    label = llm_label(kwargs.model_path)
+    loaded = {}
+
+    def score(evaluator: ModelEvaluator) -> dict:
+        if not loaded:  # only when some dataset still needs it
+            model, tokenizer = load_llm(config, accelerator)
+            local, total = parameter_bytes(model)
+            print(f"normscale: rank {accelerator.process_index} holds {local / 2**20:.1f} of {total / 2**20:.1f} MiB "
+                  f"of {kwargs.model_path} ({kwargs.sharding})", flush=True)
+            loaded["scorer"] = LLMScorer(model, tokenizer, config.task_kwargs.num_dims, mapping=kwargs.colour_mapping,
+                                         seed=config.seed, vocab_chunk=kwargs.vocab_chunk)
+            loaded["bytes"] = {"rank": accelerator.process_index, "local": local, "total": total}
+        results = evaluator.evaluate(loaded["scorer"], collective=kwargs.sharding == "fsdp")
+        return {**results, "parameter_bytes": loaded["bytes"]}
+
+    changes = {"model": "llm", "model_kwargs": kwargs}
+    return evaluate_single_shot(config, accelerator, label, None, changes,
+                                ["model=llm", f"model_kwargs.model_path={kwargs.model_path}"], score)
 
 
 def evaluate(config: Config) -> list[Path]:
     accelerator = make_accelerator(config)
     if config.model == "bayes":
         return evaluate_bayes(config, accelerator)
+    if config.model == "llm":
+        return evaluate_llm(config, accelerator)
     if config.model in TRAINABLE:
         return evaluate_checkpoints(config, accelerator)
-    raise NormscaleError(f"model={config.model!r} cannot be evaluated; choose one of: {', '.join(TRAINABLE)}, bayes")
+    raise NormscaleError(f"model={config.model!r} cannot be evaluated; choose one of: {', '.join(TRAINABLE)}, bayes, llm")
 
 
 def main() -> None:
