@@ -106,7 +106,7 @@ class ModelConfig:
     model_path: str | None = None  # a local directory or a hub id
     dtype: str = "bfloat16"
     sharding: str = "none"  # none | device_map (Accelerate's dispatch) | fsdp (each rank holds 1/world, under accelerate launch)
-    max_memory_mb: int | None = None  # device_map: budget per device (cpu included); the rest goes to offload_folder
+    max_memory: str | None = None  # device_map: budget per device, cpu included ("70GiB", "500KB"); the rest goes to offload_folder
     offload_folder: str | None = None
     trust_remote_code: bool = False
     colour_mapping: str = "random"  # random (per sequence) | fixed

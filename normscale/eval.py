@@ -356,7 +356,7 @@ def evaluate_llm(config: Config, accelerator) -> list[Path]:
         if not loaded:  # only when some dataset still needs it
             model, tokenizer = load_llm(config, accelerator)
             local, total = parameter_bytes(model)
-            print(f"normscale: rank {accelerator.process_index} holds {local / 2**20:.1f} of {total / 2**20:.1f} MiB "
+            print(f"normscale: rank {accelerator.process_index} holds {local / 2**20:.3f} of {total / 2**20:.3f} MiB "
                   f"of {kwargs.model_path} ({kwargs.sharding})", flush=True)
             loaded["scorer"] = LLMScorer(model, tokenizer, config.task_kwargs.num_dims, mapping=kwargs.colour_mapping,
                                          seed=config.seed, vocab_chunk=kwargs.vocab_chunk)

@@ -2,7 +2,7 @@
 
   none        the whole model on this process's device
   device_map  Accelerate's big-model dispatch (transformers' `device_map`): layers spread over the local GPUs, CPU
-              and, past `max_memory_mb` per device, disk (`offload_folder`); the output embedding and final norm stay
+              and, past `max_memory` per device, disk (`offload_folder`); the output embedding and final norm stay
               on a real device, since scoring reads the output embedding directly
   fsdp        several processes (`accelerate launch`, one or several nodes), each holding 1/world of the weights:
               the model is built on the meta device, every decoder layer and the root are sharded with FSDP2
@@ -60,14 +60,13 @@ def _load_dispatched(config: Config, accelerator):
     with init_empty_weights():
         empty = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=kwargs.trust_remote_code)
     devices = [*range(torch.cuda.device_count()), "cpu"]
-    max_memory = None if kwargs.max_memory_mb is None else {d: f"{kwargs.max_memory_mb}MiB" for d in devices}
+    max_memory = None if kwargs.max_memory is None else {d: kwargs.max_memory for d in devices}
     device_map = infer_auto_device_map(empty, max_memory=max_memory, dtype=dtype,
                                        no_split_module_classes=empty._no_split_modules)
-    main = devices[0]
-    for name in _head_modules(empty):  # read directly by the scorer: never offloaded
-        device_map[name] = main
+    for name in _pinned_modules(empty):  # read directly by the scorer, or buffers not in the checkpoint: never offloaded
+        _pin(device_map, empty, name, devices[0])
     if "disk" in device_map.values() and not kwargs.offload_folder:
-        raise NormscaleError(f"the model does not fit in model_kwargs.max_memory_mb={kwargs.max_memory_mb} per device; "
+        raise NormscaleError(f"the model does not fit in model_kwargs.max_memory={kwargs.max_memory} per device; "
                              "set model_kwargs.offload_folder=<dir> to offload the rest to disk, or raise the budget")
     model = AutoModelForCausalLM.from_pretrained(kwargs.model_path, dtype=dtype, device_map=device_map,
                                                  offload_folder=kwargs.offload_folder,
@@ -77,11 +76,22 @@ def _load_dispatched(config: Config, accelerator):
     return model
 
 
-def _head_modules(model) -> list[str]:
+def _pinned_modules(model) -> list[str]:
+    """The output embedding, the final norm and the rotary embedding (its inv_freq is computed, not loaded)."""
     names = {id(m): n for n, m in model.named_modules()}
-    head = [names[id(model.get_output_embeddings())]]
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    return head + ([names[id(norm)]] if norm is not None else [])
+    base = getattr(model, "model", None)
+    extra = [getattr(base, name, None) for name in ("norm", "rotary_emb")]
+    return [names[id(model.get_output_embeddings())]] + [names[id(m)] for m in extra if m is not None]
+
+
+def _pin(device_map: dict, model, name: str, device) -> None:
+    """Place module `name` on `device`, splitting a device_map entry that covers it into its children first."""
+    while name not in device_map:
+        parent = max((k for k in device_map if k == "" or name.startswith(k + ".")), key=len)
+        placed = device_map.pop(parent)
+        for child, _ in (model.get_submodule(parent) if parent else model).named_children():
+            device_map[f"{parent}.{child}" if parent else child] = placed
+    device_map[name] = device
 
 
 def _load_sharded(config: Config, accelerator):
@@ -102,7 +112,8 @@ def _load_sharded(config: Config, accelerator):
     fully_shard(model)
     model.to_empty(device=accelerator.device)
     rotary = model.model.rotary_emb  # its inv_freq buffer is not in the checkpoint: rebuild it for real
-    model.model.rotary_emb = type(rotary)(config=model_config, device=accelerator.device)
+    with torch.device(accelerator.device):
+        model.model.rotary_emb = type(rotary)(config=model_config)
     tied = {"lm_head.weight"} if getattr(model_config, "tie_word_embeddings", False) else set()
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
     dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(kwargs.model_path))

@@ -1,0 +1,90 @@
+"""LLM evaluation end to end (`python -m normscale.eval experiment=llm_eval model_kwargs.model_path=...`) on a tiny
+randomly initialised Llama saved as several safetensors shards: the unsharded, device_map (forced onto disk) and
+2-process FSDP layouts agree; results are cached, collated, and a multirun over two models writes two result sets."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_module
+from llm_fixture import make_tiny_llama
+from normscale.collate import load_eval_results
+from normscale.eval import load_metrics
+
+EVAL = ["experiment=llm_eval", "task_kwargs.num_dims=4", "task_kwargs.context_length=12", "task_kwargs.num_tasks=4",
+        "task_kwargs.num_ood_tasks=20", "training_kwargs.batch_size=8", "data_kwargs.eval_size=32",
+        "eval_kwargs.batch_size=8", "eval_kwargs.num_eval_batches=3", "eval_kwargs.return_all=true",
+        "eval_kwargs.strategy_loss_sequences=100", "model_kwargs.dtype=float32", "model_kwargs.vocab_chunk=100"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llms")
+    return make_tiny_llama(root / "tiny-a", vocab_size=512, seed=0), make_tiny_llama(root / "tiny-b", vocab_size=512, seed=1)
+
+
+def evaluate(cache, *args, launcher=None):
+    env = {"CACHE_DIR": str(cache), "PYTHON": sys.executable}
+    if launcher:
+        result = subprocess.run(["bash", str(ROOT / "launch/cpu.sh"), "2", "-m", "normscale.eval", *EVAL, *args],
+                                cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    else:
+        result = run_module("normscale.eval", *EVAL, *args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def results_of(cache, model_dir):
+    runs = cache / "experiments" / "balls_and_urns" / "llm_eval" / "runs" / f"llm-{model_dir.name}"
+    files = list(runs.glob("*/metrics.pt"))
+    assert len(files) == 1, files
+    return load_metrics(files[0])
+
+
+def test_unsharded_device_map_and_fsdp_layouts_score_alike(models, tmp_path):
+    model = models[0]
+    whole = evaluate(tmp_path / "whole", f"model_kwargs.model_path={model}")
+    dispatched = evaluate(tmp_path / "map", f"model_kwargs.model_path={model}", "model_kwargs.sharding=device_map",
+                          "model_kwargs.max_memory=120KB", f"model_kwargs.offload_folder={tmp_path / 'offload'}")
+    on_disk = int(re.search(r"\((\d+) module\(s\) on disk\)", dispatched.stdout).group(1))
+    assert on_disk > 0  # the split is forced: it cannot equal the unsharded path by accident
+    sharded = evaluate(tmp_path / "fsdp", f"model_kwargs.model_path={model}", "model_kwargs.sharding=fsdp", launcher=True)
+    held = [tuple(map(float, m)) for m in re.findall(r"rank \d holds ([\d.]+) of ([\d.]+) MiB", sharded.stdout)]
+    assert len(held) == 2 and all(0.4 < local / total < 0.6 for local, total in held), held  # ~1/world each
+    reference = results_of(tmp_path / "whole", model)
+    for other in (results_of(tmp_path / "map", model), results_of(tmp_path / "fsdp", model)):
+        for split in ("id", "ood"):
+            assert torch.allclose(other["predictions"][split], reference["predictions"][split], atol=1e-4)
+            assert other["splits"][split]["scalars"]["coverage"] == pytest.approx(
+                reference["splits"][split]["scalars"]["coverage"], rel=1e-4)
+    fsdp = results_of(tmp_path / "fsdp", model)
+    assert fsdp["splits"]["id"]["batches_by_rank"] == {0: [0, 2], 1: [1]}  # 3 batches, data parallel over 2 ranks
+    assert 0 < reference["splits"]["id"]["scalars"]["coverage"] < 1
+    assert reference["splits"]["id"]["per_position"]["coverage"].shape == (12,)
+    assert "normscale: error" not in whole.stderr
+
+
+def test_multirun_over_two_models_caches_and_collates(models, tmp_path):
+    paths = ",".join(str(m) for m in models)
+    first = run_module("normscale.eval", "-m", *EVAL, f"model_kwargs.model_path={paths}",
+                       env={"CACHE_DIR": str(tmp_path)})
+    assert first.returncode == 0, first.stderr[-3000:]
+    a, b = results_of(tmp_path, models[0]), results_of(tmp_path, models[1])
+    assert not torch.equal(a["predictions"]["id"], b["predictions"]["id"])  # two models, two result sets
+    again = evaluate(tmp_path, f"model_kwargs.model_path={models[0]}")
+    assert "exists; overwrite=true evaluates it again" in again.stdout
+    frame = load_eval_results("balls_and_urns", "llm_eval", cache_dir=str(tmp_path))
+    llm_rows = frame[frame["model"] == "llm"]
+    assert len(llm_rows) == 2 and all(c is None for c in llm_rows["checkpoint"])
+    assert all(0 < m["id"]["coverage"] < 1 for m in llm_rows["metrics"])
+
+
+def test_a_model_without_a_path_or_on_another_setting_is_refused_before_loading(tmp_path):
+    missing = run_module("normscale.eval", *EVAL, env={"CACHE_DIR": str(tmp_path)})
+    assert missing.returncode == 2 and "model=llm needs model_kwargs.model_path" in missing.stderr
+    wrong = run_module("normscale.eval", *EVAL, "setting=linear_regression", "model=llm",
+                       "model_kwargs.model_path=/nonexistent", env={"CACHE_DIR": str(tmp_path)})
+    assert wrong.returncode == 2 and "evaluates balls_and_urns sequences" in wrong.stderr
