@@ -234,3 +234,19 @@ def test_hydra_path_preemption_follows_submitits_checkpoint_and_requeue_contract
     assert resumed and resumed[0] > 0, logs[-3000:]
     assert [s for s, _ in list_checkpoints(run_dir)] == sorted({0, *checkpoint_schedule("sqrt_schedule", 3000, 4, 10)})
     assert resume_step(run_dir) == 3000
+
+
+def test_llm_eval_script_shards_a_model_over_two_slurm_tasks(cluster, tmp_path):
+    from llm_fixture import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "tiny", vocab_size=512)
+    out = tmp_path / "llm.out"
+    sbatch(tmp_path, "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={out}",
+           "slurm/llm_eval.sh", "experiment=llm_eval", f"model_kwargs.model_path={model}", "model_kwargs.dtype=float32",
+           "task_kwargs.num_dims=4", "task_kwargs.context_length=12", "task_kwargs.num_tasks=4",
+           "task_kwargs.num_ood_tasks=20", "training_kwargs.batch_size=8", "data_kwargs.eval_size=32",
+           "eval_kwargs.batch_size=8", "eval_kwargs.num_eval_batches=2", NORMSCALE_GPUS_PER_NODE="0")
+    text = out.read_text()
+    assert "2 machine(s) x 1 process(es)" in text and "rank 1 holds" in text and "(fsdp)" in text, text[-3000:]
+    results = list((tmp_path / "experiments/balls_and_urns/llm_eval/runs/llm-tiny").glob("*/metrics.pt"))
+    assert len(results) == 1
