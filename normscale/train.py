@@ -119,6 +119,7 @@ def prepare_run_dir(config: Config, run_dir: Path, accelerator) -> None:
 
 
 def train(config: Config, overrides: list[str]) -> Path:
+    preemption = Preemption()  # first: a signal during start-up stops the run at its first step boundary
     accelerator = make_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
     name = run_name(overrides, config.seed)
@@ -129,6 +130,7 @@ def train(config: Config, overrides: list[str]) -> Path:
     done = resume_step(run_dir)
     if done == training.max_steps:  # a finished sweep point: skip before touching data
         accelerator.print(f"normscale: {run_dir} is complete ({done} steps); overwrite=true trains it again")
+        preemption.restore()
         return run_dir
     prepared = prepare_data(config)  # one process generates, the others wait on the lock and reuse
     if accelerator.is_main_process:
@@ -165,7 +167,6 @@ def train(config: Config, overrides: list[str]) -> Path:
 
     if start == 0:
         checkpoint(0)
-    preemption = Preemption()
     wandb_run = init_wandb(config, run_dir, name) if config.logging.wandb and accelerator.is_main_process else None
     task_loss = torch.zeros(D, device=accelerator.device)
     task_count = torch.zeros(D, device=accelerator.device)
