@@ -4,14 +4,15 @@
                                                                             to a manifest and sbatch the array(s)
     python -m normscale.sweep status [--manifest PATH] <overrides>         finished / running / failed / missing points
     python -m normscale.sweep point  --manifest PATH --index I             one point's overrides, one per line
+    python -m normscale.sweep progress <overrides>                         one run's resume step, max_steps, directory
 
 The grid is the experiment preset's `hydra.sweeper.params` crossed with the command line's `-m`-style overrides
 (comma lists; the command line wins for a key in both), exactly the points `python -m normscale.train -m` runs,
-with the same run directories. `plan --submit` skips finished points (resume state at max_steps), writes
-<experiment>/sweeps/<stamp>-<hash>.json (points, submitted indices, job ids, resources), and submits slurm/sweep.sh
-as one array per chunk of at most MaxArraySize indices (`scontrol show config`), throttled with `%N`. Array task i
-of a chunk runs point offset + i of the manifest: a requeued or resubmitted task maps to the same point even if the
-preset changed since. Site settings (partition, account, time, GPUs and CPUs per task) come from the environment
+with the same run directories. `plan` prints the sbatch command(s) it would submit; `plan --submit` skips finished
+points (resume state at max_steps), writes <experiment>/sweeps/<stamp>-<hash>.json (points, submitted indices, job
+ids, resources), and submits slurm/sweep.sh as one array per chunk of at most MaxArraySize indices (`scontrol show
+config`), throttled with `%N`. Array task i of a chunk runs point offset + i of the manifest: a requeued or
+resubmitted task maps to the same point even if the preset changed since. Site settings (partition, account, time, GPUs and CPUs per task) come from the environment
 that slurm/common.sh sets (the one place to edit them).
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ import itertools
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -43,12 +46,15 @@ class Point:
     run_dir: Path
     max_steps: int
 
+    def step(self) -> int | None:
+        """The step of the run's resume state (None: there is none)."""
+        state = self.run_dir / RESUME_STATE
+        return json.loads(state.read_text())["step"] if state.exists() else None
+
     def state(self) -> str:
         """finished | started (a resume state short of max_steps) | missing."""
-        state = self.run_dir / RESUME_STATE
-        if not state.exists():
-            return "missing"
-        return "finished" if json.loads(state.read_text())["step"] >= self.max_steps else "started"
+        step = self.step()
+        return "missing" if step is None else "finished" if step >= self.max_steps else "started"
 
 
 def compose(overrides: list[str], hydra_config: bool = False):
@@ -108,6 +114,8 @@ def chunks(indices: list[int], max_array_size: int) -> list[tuple[int, list[int]
 
 
 def max_array_size() -> int:
+    if shutil.which("scontrol") is None:  # planning without SLURM: what a default SLURM allows
+        return DEFAULT_MAX_ARRAY_SIZE
     shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
     match = re.search(r"^MaxArraySize\s*=\s*(\d+)", shown, re.MULTILINE)
     return int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
@@ -142,13 +150,14 @@ def sbatch_command(manifest: Path, offset: int, task_ids: list[int], name: str, 
 
 
 def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | None:
+    """List the points; print the sbatch command(s) for the unfinished ones, or (submit) freeze the manifest and run them."""
     points = [resolve(p) for p in grid(overrides)]
     states = [p.state() for p in points]
     todo = [i for i, s in enumerate(states) if s != "finished"]
     for i, (point, state) in enumerate(zip(points, states)):
         print(f"{i:4d}  {state:8s}  {' '.join(point.overrides)}")
     print(f"normscale: {len(points)} point(s), {len(points) - len(todo)} finished, {len(todo)} to run")
-    if not submit or not todo:
+    if not todo:
         return None
     res = resources()
     throttle = int(res["throttle"]) if throttle is None else throttle
@@ -160,11 +169,17 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
     sweeps = experiment_dir / "sweeps"
     manifest = sweeps / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}.json"
     log_dir = sweeps / "logs"
+    arrays = [(offset, task_ids, sbatch_command(manifest, offset, task_ids, experiment_dir.name, log_dir, res, throttle))
+              for offset, task_ids in chunks(todo, max_array_size())]
+    if not submit:
+        for _, _, command in arrays:
+            print(f"normscale: would submit: {shlex.join(command)}")
+        print("normscale: `plan --submit` (or sbatch slurm/sweep.sh with the same overrides) writes that manifest "
+              "and submits")
+        return None
     log_dir.mkdir(parents=True, exist_ok=True)
     write_json(manifest, record)  # frozen before any task can start
-    name = experiment_dir.name
-    for offset, task_ids in chunks(todo, max_array_size()):
-        command = sbatch_command(manifest, offset, task_ids, name, log_dir, res, throttle)
+    for offset, task_ids, command in arrays:
         job_id = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
         record["jobs"].append({"job_id": job_id, "offset": offset, "array": array_spec(task_ids)})
         print(f"normscale: submitted array job {job_id} (--array={array_spec(task_ids)}, offset {offset}); "
@@ -179,6 +194,13 @@ def point(manifest: Path, index: int) -> list[str]:
     if not 0 <= index < len(points):
         raise NormscaleError(f"sweep index {index} is outside {manifest} ({len(points)} points)")
     return points[index]
+
+
+def progress(overrides: list[str]) -> str:
+    """`<resume step> <max_steps> <run dir>` of one run (step 0 before any resume state): slurm/common.sh compares
+    it before and after a preempted run to decide on a requeue."""
+    run = resolve(overrides)
+    return f"{run.step() or 0} {run.max_steps} {run.run_dir}"
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
@@ -248,6 +270,7 @@ def main() -> None:
     p_point = sub.add_parser("point", help="one point's overrides (used by slurm/sweep.sh)")
     p_point.add_argument("--manifest", type=Path, required=True)
     p_point.add_argument("--index", type=int, required=True)
+    sub.add_parser("progress", help="one run's resume step, max_steps and directory (used by slurm/common.sh)")
     args, overrides = parser.parse_known_args()
     load_env()
     try:
@@ -255,6 +278,8 @@ def main() -> None:
             plan(overrides, args.submit, args.throttle)
         elif args.command == "status":
             status(overrides, args.manifest)
+        elif args.command == "progress":
+            print(progress(overrides))
         else:
             print("\n".join(point(args.manifest, args.index)))
     except NormscaleError as error:

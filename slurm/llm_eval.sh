@@ -15,4 +15,5 @@ set -euo pipefail
 source "${NORMSCALE_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}/slurm/common.sh"
 args=("$@")
 [[ " ${args[*]} " == *" model_kwargs.sharding="* ]] || args+=("model_kwargs.sharding=fsdp")
-launch_on_every_machine normscale.eval "${args[@]}"
+machine_launcher
+"${launcher[@]}" -m normscale.eval "${args[@]}"
