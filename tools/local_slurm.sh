@@ -6,6 +6,11 @@
 #                                 `eval "$(tools/local_slurm.sh start)"` points a shell at the cluster
 #   tools/local_slurm.sh stop     cancel the cluster's jobs, stop the daemons `start` started
 #   tools/local_slurm.sh status   print what runs; exit 0 only when the cluster is usable
+#   start --started FILE          also append `<daemon> <pid>` to FILE for every daemon this start spawns, as it
+#                                 spawns it (so FILE is right even when start fails midway)
+#   stop --started FILE           stop only the daemons listed in FILE that still run with the listed pid
+#                                 (and cancel jobs only when that includes slurmctld): `.ci/run` and the test
+#                                 fixture stop exactly what they started, and leave a cluster they found running
 #
 # Daemons: munged (only when no working munge is there already), a private mariadbd, slurmdbd, slurmctld and
 # slurmd (node `localhost`, partition `debug`). Everything lives under one directory, default
@@ -68,6 +73,7 @@ spawn() {
     local name=$1 out=$2; shift 2
     setsid "$@" </dev/null >>"$out" 2>&1 9>&- &
     echo $! >"$PIDS/$name.pid"
+    [[ -z $STARTED_FILE ]] || echo "$name $!" >>"$STARTED_FILE"
     STARTED=1
 }
 
@@ -442,7 +448,20 @@ cmd_stop() {
     [[ -d $DIR ]] || { say "nothing to stop ($DIR does not exist)"; return; }
     mkdir -p "$PIDS"
     lock
-    if alive slurmctld && ctld_works; then
+    local targets=(slurmd slurmctld slurmdbd mariadbd munged) name pid
+    if [[ -n $STARTED_FILE ]]; then
+        local listed=()
+        [[ -f $STARTED_FILE ]] || { say "nothing to stop ($STARTED_FILE does not exist)"; return; }
+        while read -r name pid; do
+            if [[ -n $name && $(recorded_pid "$name") == "$pid" ]] && alive "$name"; then listed+=("$name"); fi
+        done <"$STARTED_FILE"
+        targets=()
+        for name in slurmd slurmctld slurmdbd mariadbd munged; do
+            [[ " ${listed[*]} " == *" $name "* ]] && targets+=("$name")
+        done
+        ((${#targets[@]})) || { say "nothing to stop (no daemon listed in $STARTED_FILE still runs)"; return; }
+    fi
+    if [[ " ${targets[*]} " == *" slurmctld "* ]] && alive slurmctld && ctld_works; then
         local jobs
         jobs=$(timeout 10 squeue -h -o %F 2>/dev/null | sort -u | tr '\n' ' ') || true
         if [[ -n ${jobs// /} ]]; then
@@ -455,8 +474,8 @@ cmd_stop() {
         fi
     fi
     local d
-    for d in slurmd slurmctld slurmdbd mariadbd munged; do stop_daemon "$d"; done
-    say "stopped (state kept in $DIR)"
+    for d in "${targets[@]}"; do stop_daemon "$d"; done
+    say "stopped ${targets[*]} (state kept in $DIR)"
 }
 
 cmd_status() {
@@ -483,12 +502,18 @@ cmd_status() {
     return $ok
 }
 
+STARTED_FILE=
+if [[ ${2:-} == --started && -n ${3:-} && ${1:-} =~ ^(start|stop)$ ]]; then
+    STARTED_FILE=$(realpath -m "$3")
+elif (($# > 1)); then
+    set -- usage
+fi
 case ${1:-} in
 start) cmd_start ;;
 stop) cmd_stop ;;
 status) cmd_status ;;
 *)
-    echo "usage: $0 start|stop|status   (state in \${NORMSCALE_SLURM_DIR:-/var/tmp/normscale-slurm})" >&2
+    echo "usage: $0 start|stop [--started FILE] | status   (state in \${NORMSCALE_SLURM_DIR:-/var/tmp/normscale-slurm})" >&2
     exit 2
     ;;
 esac
