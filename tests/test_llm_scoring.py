@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import compose_config
 from llm_fixture import make_tiny_llama, make_tokenizer
+from normscale.dist.accel import make_accelerator
+from normscale.dist.llm import load_llm
 from normscale.metrics import as_predictions
 from normscale.model.llm import COLOUR_WORDS, LLMError, LLMScorer, colour_token_ids, header_text, sequence_permutation
 
@@ -88,6 +91,20 @@ def test_bfloat16_model_scores_in_float32(tiny_dir):
     assert out.dtype == scorer.coverage.dtype == torch.float32
     torch.testing.assert_close(out, want, rtol=0, atol=0.05)
     torch.testing.assert_close(scorer.coverage, coverage, rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("sharding", ["none", "device_map"])
+def test_the_loader_loads_the_configured_bfloat16(tiny_dir, sharding):
+    """normscale's own loader with conf/model/llm.yaml's dtype (bfloat16; the float32 fixture cast on load): every
+    parameter bfloat16, scoring exactly as the model loaded by hand in bfloat16 (device_map: all on the one CPU)."""
+    config = compose_config("model=llm", f"model_kwargs.model_path={tiny_dir}", f"model_kwargs.sharding={sharding}")
+    assert config.model_kwargs.dtype == "bfloat16"
+    model, tokenizer = load_llm(config, make_accelerator(config))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
+    batch = urn_batch()
+    want = LLMScorer(*load(tiny_dir, torch.bfloat16), V, mapping="fixed", vocab_chunk=64)(batch)
+    torch.testing.assert_close(LLMScorer(model, tokenizer, V, mapping="fixed", vocab_chunk=64)(batch), want,
+                               rtol=0, atol=0)
 
 
 def test_random_mapping_is_a_function_of_seed_and_sequence_index(tiny):

@@ -71,8 +71,9 @@ def _load_dispatched(config: Config, accelerator):
     model = AutoModelForCausalLM.from_pretrained(kwargs.model_path, dtype=dtype, device_map=device_map,
                                                  offload_folder=kwargs.offload_folder,
                                                  trust_remote_code=kwargs.trust_remote_code)
-    accelerator.print(f"normscale: device_map {sorted(set(map(str, model.hf_device_map.values())))} "
-                      f"({sum(v == 'disk' for v in model.hf_device_map.values())} module(s) on disk)")
+    placed = getattr(model, "hf_device_map", device_map)  # a map onto one device sets no hf_device_map
+    accelerator.print(f"normscale: device_map {sorted(set(map(str, placed.values())))} "
+                      f"({sum(v == 'disk' for v in placed.values())} module(s) on disk)")
     return model
 
 
@@ -109,7 +110,7 @@ def _load_sharded(config: Config, accelerator):
                                                  trust_remote_code=kwargs.trust_remote_code)
     for layer in model.model.layers:
         fully_shard(layer)
-    fully_shard(model)
+    fully_shard(model, reshard_after_forward=True)  # FSDP2 keeps a root unsharded after forward (for a backward)
     model.to_empty(device=accelerator.device)
     rotary = model.model.rotary_emb  # its inv_freq buffer is not in the checkpoint: rebuild it for real
     with torch.device(accelerator.device):
