@@ -1,6 +1,8 @@
 """LLM evaluation end to end (`python -m normscale.eval experiment=llm_eval model_kwargs.model_path=...`) on a tiny
 randomly initialised Llama saved as several safetensors shards: the unsharded, device_map (forced onto disk) and
-2-process FSDP layouts agree; results are cached, collated, and a multirun over two models writes two result sets."""
+2-process FSDP layouts agree; results are cached (overwrite=true evaluates again), collated, and a multirun over two
+models writes two result sets; on a trained experiment (name=<experiment>) an LLM scores the trained run's own eval
+sequences."""
 import os
 import re
 import subprocess
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_module
+from normscale.checkpoints import list_checkpoints
 from llm_fixture import make_tiny_llama
 from normscale.collate import load_eval_results
 from normscale.eval import load_metrics
@@ -37,11 +40,15 @@ def evaluate(cache, *args, launcher=None):
     return result
 
 
-def results_of(cache, model_dir):
-    runs = cache / "experiments" / "balls_and_urns" / "llm_eval" / "runs" / f"llm-{model_dir.name}"
+def results_file(cache, model_dir, experiment="llm_eval"):
+    runs = cache / "experiments" / "balls_and_urns" / experiment / "runs" / f"llm-{model_dir.name}"
     files = list(runs.glob("*/metrics.pt"))
     assert len(files) == 1, files
-    return load_metrics(files[0])
+    return files[0]
+
+
+def results_of(cache, model_dir, experiment="llm_eval"):
+    return load_metrics(results_file(cache, model_dir, experiment))
 
 
 def test_unsharded_device_map_and_fsdp_layouts_score_alike(models, tmp_path):
@@ -62,6 +69,14 @@ def test_unsharded_device_map_and_fsdp_layouts_score_alike(models, tmp_path):
                 reference["splits"][split]["scalars"]["coverage"], rel=1e-4)
     fsdp = results_of(tmp_path / "fsdp", model)
     assert fsdp["splits"]["id"]["batches_by_rank"] == {0: [0, 2], 1: [1]}  # 3 batches, data parallel over 2 ranks
+    # the configured bfloat16 through the sharded loader: the float32 shards cast as each rank reads its slices
+    evaluate(tmp_path / "fsdp16", f"model_kwargs.model_path={model}", "model_kwargs.sharding=fsdp",
+             "model_kwargs.dtype=bfloat16", launcher=True)
+    half = results_of(tmp_path / "fsdp16", model)
+    assert 2 * half["parameter_bytes"]["total"] == reference["parameter_bytes"]["total"]
+    assert 2 * half["parameter_bytes"]["local"] == fsdp["parameter_bytes"]["local"]
+    diff = (half["predictions"]["id"] - reference["predictions"]["id"]).abs().max().item()
+    assert 0 < diff < 0.02  # bfloat16 rounding, no more
     assert 0 < reference["splits"]["id"]["scalars"]["coverage"] < 1
     assert reference["splits"]["id"]["per_position"]["coverage"].shape == (12,)
     assert "normscale: error" not in whole.stderr
@@ -74,8 +89,15 @@ def test_multirun_over_two_models_caches_and_collates(models, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     a, b = results_of(tmp_path, models[0]), results_of(tmp_path, models[1])
     assert not torch.equal(a["predictions"]["id"], b["predictions"]["id"])  # two models, two result sets
+    files = [results_file(tmp_path, m) for m in models]
+    stamps = [f.stat().st_mtime_ns for f in files]
     again = evaluate(tmp_path, f"model_kwargs.model_path={models[0]}")
     assert "exists; overwrite=true evaluates it again" in again.stdout
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # cached: not even rewritten
+    redone = evaluate(tmp_path, f"model_kwargs.model_path={models[0]}", "overwrite=true")
+    assert "exists" not in redone.stdout and f"-> {files[0]}" in redone.stdout
+    assert files[0].stat().st_mtime_ns > stamps[0] and files[1].stat().st_mtime_ns == stamps[1]
+    assert torch.equal(load_metrics(files[0])["predictions"]["id"], a["predictions"]["id"])  # scored again, alike
     frame = load_eval_results("balls_and_urns", "llm_eval", cache_dir=str(tmp_path))
     llm_rows = frame[frame["model"] == "llm"]
     assert len(llm_rows) == 2 and all(c is None for c in llm_rows["checkpoint"])
@@ -88,3 +110,34 @@ def test_a_model_without_a_path_or_on_another_setting_is_refused_before_loading(
     wrong = run_module("normscale.eval", *EVAL, "setting=linear_regression", "model=llm",
                        "model_kwargs.model_path=/nonexistent", env={"CACHE_DIR": str(tmp_path)})
     assert wrong.returncode == 2 and "evaluates balls_and_urns sequences" in wrong.stderr
+
+
+def test_an_llm_on_a_trained_experiment_scores_the_runs_own_eval_sequences(models, tmp_path):
+    """`name=<experiment>`: the LLM is scored on the dataset of the experiment's trained run (its task, not the
+    llm_eval preset's: context 10 and 6 tasks here against 12 and 4), beside it in runs/llm-<model>/<dataset>/."""
+    env = {"CACHE_DIR": str(tmp_path)}
+    run_args = ["setting=balls_and_urns", "name=trained", "logging.wandb=false", "task_kwargs.num_dims=4",
+                "task_kwargs.context_length=10", "task_kwargs.num_tasks=6", "task_kwargs.num_ood_tasks=20",
+                "training_kwargs.batch_size=8", "training_kwargs.max_steps=4", "training_kwargs.warmup_steps=1",
+                "training_kwargs.save_steps.schedule=end_only", "data_kwargs.eval_size=32", "eval_kwargs.batch_size=8",
+                "eval_kwargs.num_eval_batches=3", "eval_kwargs.return_all=true", "model_kwargs.hidden_size=16"]
+    for module in ("normscale.train", "normscale.eval"):  # train one tiny run, then score its checkpoint
+        result = run_module(module, *run_args, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    experiment = tmp_path / "experiments" / "balls_and_urns" / "trained"
+    (run,) = [p for p in (experiment / "runs").iterdir()]
+    step, checkpoint = list_checkpoints(run)[-1]
+    trained = load_metrics(checkpoint / "metrics.pt")
+    assert step == 4 and trained["model"] == "transformer"
+    evaluate(tmp_path, "name=trained", f"model_kwargs.model_path={models[0]}")
+    llm_file = results_file(tmp_path, models[0], experiment="trained")
+    assert llm_file.parent.name == trained["data_dir"] and llm_file.parent.parent.parent == experiment / "runs"
+    llm = load_metrics(llm_file)
+    assert llm["model"] == "llm" and llm["step"] is None
+    assert llm["data_key"] == trained["data_key"] and llm["eval_hashes"] == trained["eval_hashes"]
+    assert "eval.h5" in llm["eval_hashes"]  # the saved eval sequences' sha256 (and the task pools')
+    for split in ("id", "ood"):  # the very same sequences, row for row
+        assert llm["labels"][split].shape == (24, 10)
+        assert torch.equal(llm["labels"][split], trained["labels"][split])
+        assert llm["predictions"][split].shape == trained["predictions"][split].shape == (24, 10, 4)
+    assert not (tmp_path / "experiments" / "balls_and_urns" / "llm_eval").exists()
