@@ -77,13 +77,20 @@ def grid(overrides: list[str]) -> list[list[str]]:
     command_line = parser.parse_overrides(overrides)
     fixed = [o.input_line for o in command_line if not o.is_sweep_override()]
     preset = compose(fixed, hydra_config=True)
-    swept = {key: [f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
+
+    def values(override) -> list[str]:  # a single value (no sweep) is a one-point axis, as for Hydra's sweeper
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            return [override.input_line]
+        return [f"{key}={v}" for v in override.sweep_string_iterator()]
+
+    swept = {key: values(parser.parse_override(f"{key}={value}"))
              for key, value in (preset.hydra.sweeper.params or {}).items()}
     for override in command_line:
         key = override.get_key_element()
         swept.pop(key, None)  # the command line wins, and its keys come last
         if override.is_sweep_override():
-            swept[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            swept[key] = values(override)
     return [fixed + list(choice) for choice in itertools.product(*swept.values())]
 
 
