@@ -12,8 +12,8 @@ with the same run directories. `plan` prints the sbatch command(s) it would subm
 points (resume state at max_steps), writes <experiment>/sweeps/<stamp>-<hash>.json (points, submitted indices, job
 ids, resources), and submits slurm/sweep.sh as one array per chunk of at most MaxArraySize indices (`scontrol show
 config`), throttled with `%N`. Array task i of a chunk runs point offset + i of the manifest: a requeued or
-resubmitted task maps to the same point even if the preset changed since. Site settings (partition, account, time, GPUs and CPUs per task) come from the environment
-that slurm/common.sh sets (the one place to edit them).
+resubmitted task maps to the same point even if the preset changed since. Site settings (partition, account, time,
+GPUs and CPUs per task) come from slurm/site.env (the one place to edit them; the environment wins).
 """
 from __future__ import annotations
 
@@ -157,7 +157,8 @@ def sbatch_command(manifest: Path, offset: int, task_ids: list[int], name: str, 
 
 
 def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | None:
-    """List the points; print the sbatch command(s) for the unfinished ones, or (submit) freeze the manifest and run them."""
+    """List the points; print the sbatch command(s) for the unfinished ones, or (submit) freeze the manifest and
+    submit them."""
     points = [resolve(p) for p in grid(overrides)]
     states = [p.state() for p in points]
     todo = [i for i, s in enumerate(states) if s != "finished"]
@@ -176,8 +177,8 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
     sweeps = experiment_dir / "sweeps"
     manifest = sweeps / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}.json"
     log_dir = sweeps / "logs"
-    arrays = [(offset, task_ids, sbatch_command(manifest, offset, task_ids, experiment_dir.name, log_dir, res, throttle))
-              for offset, task_ids in chunks(todo, max_array_size())]
+    arrays = [(offset, ids, sbatch_command(manifest, offset, ids, experiment_dir.name, log_dir, res, throttle))
+              for offset, ids in chunks(todo, max_array_size())]
     if not submit:
         for _, _, command in arrays:
             print(f"normscale: would submit: {shlex.join(command)}")

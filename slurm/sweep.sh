@@ -23,14 +23,15 @@ mapfile -t point < <("$NORMSCALE_PYTHON" -m normscale.sweep point --manifest "$N
 gpus=${SLURM_GPUS_ON_NODE:-0}
 procs=${NORMSCALE_PROCESSES_PER_TASK:-$(( gpus > 1 ? gpus : 1 ))}
 if (( procs > 1 && gpus > 0 )); then
-  launcher=("$NORMSCALE_PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$procs" --main_process_port 0)
+  launcher=("$NORMSCALE_PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$procs"
+            --main_process_port 0)
 elif (( procs > 1 )); then
   launcher=(env PYTHON="$NORMSCALE_PYTHON" bash launch/cpu.sh "$procs")
 else
   launcher=("$NORMSCALE_PYTHON")
 fi
-echo "normscale: sweep point $index (job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}, restart ${SLURM_RESTART_COUNT:-0}," \
-  "$procs process(es)): ${point[*]}"
+echo "normscale: sweep point $index (job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}," \
+  "restart ${SLURM_RESTART_COUNT:-0}, $procs process(es)): ${point[*]}"
 train_requeueable signal_run "${point[@]}" && status=0 || status=$?
 if (( status != 0 )); then
   echo "normscale: error: sweep point $index (${point[*]}) failed with exit code $status; log: $log" >&2

@@ -513,7 +513,8 @@ start) cmd_start ;;
 stop) cmd_stop ;;
 status) cmd_status ;;
 *)
-    echo "usage: $0 start|stop [--started FILE] | status   (state in \${NORMSCALE_SLURM_DIR:-/var/tmp/normscale-slurm})" >&2
+    echo "usage: $0 start|stop [--started FILE] | status" \
+        "(state in \${NORMSCALE_SLURM_DIR:-/var/tmp/normscale-slurm})" >&2
     exit 2
     ;;
 esac
