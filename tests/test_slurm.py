@@ -1,11 +1,15 @@
 """SLURM paths on a real single-node cluster on localhost (tools/local_slurm.sh): job-array sweeps through
-slurm/sweep.sh, the Hydra submitit launcher, preemption and requeue, failing tasks, multi-node as two tasks.
+slurm/sweep.sh, the Hydra submitit launcher, preemption and requeue (one and two processes per task, multi-node),
+failing tasks, frozen manifests, the slurm/submit wrapper, multi-node as two tasks.
 
 Skipped only when no local cluster can be started here (the reason is given); `.ci/run` starts one and sets
-NORMSCALE_REQUIRE_SLURM=1, under which a missing cluster fails instead."""
+NORMSCALE_REQUIRE_SLURM=1, under which a missing cluster fails instead. A cluster this module starts is stopped at
+the end of the session (only the daemons it started)."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +29,8 @@ TINY = ["setting=balls_and_urns", "logging.wandb=false", "task_kwargs.num_dims=4
         "model_kwargs.hidden_size=16", "data_kwargs.eval_size=32", "eval_kwargs.batch_size=16",
         "eval_kwargs.num_eval_batches=2"]
 SCHEDULE = sorted({0, *checkpoint_schedule("sqrt_schedule", 40, 3, 10)})
+LONG = ["training_kwargs.max_steps=3000", "training_kwargs.save_steps.num_checkpoints=4"]
+LONG_SCHEDULE = sorted({0, *checkpoint_schedule("sqrt_schedule", 3000, 4, 10)})
 
 
 def test_resume_state_path_matches_the_checkpoint_layout():
@@ -47,9 +53,91 @@ def test_array_specs_chunks_and_sbatch_resources(tmp_path, monkeypatch):
     assert command[-1] == str(ROOT / "slurm" / "sweep.sh")
 
 
-@pytest.mark.parametrize("script", sorted((ROOT / "slurm").glob("*.sh")), ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [*sorted((ROOT / "slurm").glob("*.sh")), ROOT / "slurm/submit", ROOT / ".ci/run",
+                                    ROOT / "tools/local_slurm.sh"], ids=lambda p: p.name)
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+def test_submit_wrapper_takes_every_scripts_resources_from_the_site_settings(tmp_path):
+    site = {"NORMSCALE_PARTITION": "gpu", "NORMSCALE_ACCOUNT": "lab", "NORMSCALE_TIME_MIN": "90",
+            "NORMSCALE_GPUS_PER_NODE": "4", "NORMSCALE_SIGNAL_SECONDS": "300", "NORMSCALE_MEM": "64G"}
+
+    def dry_run(*args):  # from elsewhere than the checkout, as users may
+        done = subprocess.run(["bash", str(ROOT / "slurm/submit"), "--dry-run", *args], cwd=tmp_path,
+                              env={**os.environ, **site}, capture_output=True, text=True, check=True)
+        return done.stderr.split()
+
+    multinode = dry_run("--nodes=2", str(ROOT / "slurm/train_multinode.sh"), "name=x")
+    assert f"NORMSCALE_ROOT={ROOT}" in multinode
+    for option in ("--partition=gpu", "--account=lab", "--time=90", "--mem=64G", "--gpus-per-node=4",
+                   "--signal=B:USR1@300"):
+        assert option in multinode and multinode.index(option) < multinode.index("--nodes=2")  # the user's win
+    assert multinode[-2:] == [str(ROOT / "slurm/train_multinode.sh"), "name=x"]
+    llm = dry_run("--nodes=2", "--gpus-per-node=2", str(ROOT / "slurm/llm_eval.sh"))
+    assert llm.index("--gpus-per-node=4") < llm.index("--gpus-per-node=2") and not any("--signal" in a for a in llm)
+    plan = dry_run(str(ROOT / "slurm/sweep.sh"), "experiment=demo")
+    assert "--partition=gpu" in plan and not any(a.startswith(("--time", "--gpus")) for a in plan)
+    usage = subprocess.run(["bash", str(ROOT / "slurm/submit"), "--nodes=2"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: slurm/submit" in usage.stderr
+
+
+def test_a_signal_during_start_up_stops_the_run_cleanly_at_its_first_step(tmp_path):
+    """USR1 while the run is still preparing data and building its model (before its first step) sets the flag: the
+    run saves its resume state after one step and exits 0; it resumes from there."""
+    args = [sys.executable, "-m", "normscale.train", "name=early", *TINY]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("normscale: run "):  # data prepared; model, optimizer and step-0 checkpoint still to come
+            proc.send_signal(signal.SIGUSR1)
+            break
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    step = int(re.search(r"preempted; resume state saved at step (\d+)", out).group(1))
+    run_dir = next((tmp_path / "experiments/balls_and_urns/early/runs").iterdir())
+    assert 1 <= step < 40 and resume_step(run_dir) == step
+    again = subprocess.run(args, cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"resumed at step {step}" in again.stdout, again.stderr[-3000:]
+    assert_complete(run_dir)
+
+
+def test_hydra_local_launcher_runs_the_same_run_directories(tmp_path):
+    overrides = ["name=loc", *TINY, "task_kwargs.num_tasks=2,4"]
+    done = subprocess.run([sys.executable, "-m", "normscale.train", "-m", "hydra/launcher=local", *overrides], cwd=ROOT,
+                          env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    planned = [sweep.resolve(p).run_dir.name for p in sweep.grid(overrides)]
+    runs = sorted((tmp_path / "experiments/balls_and_urns/loc/runs").iterdir())
+    assert [r.name for r in runs] == sorted(planned)  # the run directories slurm/sweep.sh would use
+    for run_dir in runs:
+        assert_complete(run_dir)
+    assert list((tmp_path / "experiments/balls_and_urns/loc/.submitit").iterdir())  # through submitit's local executor
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="tools/local_slurm.sh stop needs root")
+def test_local_slurm_stop_with_a_started_file_stops_only_the_daemons_listed_with_their_pid(tmp_path):
+    """What .ci/run and the cluster fixture rely on, with stand-in daemons (copies of sleep named like the daemons)
+    in a private state directory: a daemon listed with its pid is stopped, one not listed or listed with another
+    pid keeps running."""
+    state = tmp_path / "state"
+    (state / "pids").mkdir(parents=True)
+    daemons = {}
+    for name in ("slurmd", "slurmctld", "munged"):
+        shutil.copy("/bin/sleep", tmp_path / name)
+        daemons[name] = subprocess.Popen([str(tmp_path / name), "300"])
+        (state / "pids" / f"{name}.pid").write_text(f"{daemons[name].pid}\n")
+    started = tmp_path / "started"
+    started.write_text(f"slurmd {daemons['slurmd'].pid}\nmunged 1\n")
+    env = {**os.environ, "NORMSCALE_SLURM_DIR": str(state)}
+    stop = subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "stop", "--started", str(started)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    assert daemons["slurmd"].wait(timeout=30) == -signal.SIGTERM
+    assert daemons["slurmctld"].poll() is None and daemons["munged"].poll() is None
+    for proc in daemons.values():
+        proc.kill()
+        proc.wait()
 
 
 def test_plan_lists_the_grid_of_preset_and_command_line_without_torch(tmp_path):
@@ -64,24 +152,35 @@ def test_plan_lists_the_grid_of_preset_and_command_line_without_torch(tmp_path):
 # ---------------------------------------------------------------- on the real local cluster
 
 
-def cluster_problem() -> str | None:
-    """Why no local SLURM cluster is usable here (None when it is), starting one where possible."""
+def cluster_problem(started: Path) -> str | None:
+    """Why no local SLURM cluster is usable here (None when it is), starting one where possible (the daemons it
+    starts are listed in `started`)."""
     if shutil.which("sinfo") and subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "status"],
                                                 capture_output=True).returncode == 0:
         return None
     if os.geteuid() != 0:
         return "tools/local_slurm.sh needs root to install and start slurm, munge and mariadb"
-    started = subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "start"], capture_output=True, text=True)
-    return None if started.returncode == 0 else f"tools/local_slurm.sh start failed: {started.stderr[-500:]}"
+    start = subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "start", "--started", str(started)],
+                           capture_output=True, text=True)
+    return None if start.returncode == 0 else f"tools/local_slurm.sh start failed: {start.stderr[-500:]}"
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    problem = cluster_problem()
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    started = tmp_path_factory.mktemp("local_slurm") / "started"
+
+    def stop_what_was_started():  # exactly the daemons this session started (also after a failed start)
+        if started.exists():
+            subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "stop", "--started", str(started)], check=True)
+
+    problem = cluster_problem(started)
     if problem:
+        stop_what_was_started()
         if os.environ.get("NORMSCALE_REQUIRE_SLURM") == "1":
             pytest.fail(f"NORMSCALE_REQUIRE_SLURM=1 but no local SLURM cluster: {problem}")
         pytest.skip(f"no local SLURM cluster: {problem}")
+    yield
+    stop_what_was_started()
 
 
 def env_for(cache: Path, **extra) -> dict:
@@ -89,9 +188,9 @@ def env_for(cache: Path, **extra) -> dict:
             "PYTHONUNBUFFERED": "1", **extra}
 
 
-def sbatch(cache: Path, *args: str, **extra) -> str:
-    done = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env=env_for(cache, **extra), capture_output=True,
-                          text=True, check=True)
+def sbatch(cache: Path, *args: str, submit: str = "sbatch", cwd: Path = ROOT, **extra) -> str:
+    done = subprocess.run([*submit.split(), "--parsable", *args], cwd=cwd, env=env_for(cache, **extra),
+                          capture_output=True, text=True, check=True)
     return done.stdout.strip().split(";")[0]
 
 
@@ -111,21 +210,54 @@ def manifests(cache: Path, name: str) -> list[Path]:
     return sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime)
 
 
-def run_sweep(cache: Path, name: str, *overrides: str) -> dict:
-    """`sbatch slurm/sweep.sh ...` as users type it; wait for the planning job and the array; the manifest."""
+def submit_sweep(cache: Path, name: str, *overrides: str, cwd: Path = ROOT, **extra) -> dict:
+    """`sbatch slurm/sweep.sh ...` as users type it; wait for the planning job to submit the array; the manifest."""
     before = len(manifests(cache, name))
-    plan_job = sbatch(cache, f"--output={cache}/plan-%j.out", "slurm/sweep.sh", f"name={name}", *TINY, *overrides)
+    plan_job = sbatch(cache, f"--output={cache}/plan-%j.out", "slurm/sweep.sh", *overrides, cwd=cwd, **extra)
     deadline = time.time() + 120
     while len(manifests(cache, name)) == before or not json.loads(manifests(cache, name)[-1].read_text())["jobs"]:
         assert time.time() < deadline, (cache / f"plan-{plan_job}.out").read_text()
         time.sleep(1)
-    wait_for_jobs(f"ns-{name}")
     return json.loads(manifests(cache, name)[-1].read_text())
+
+
+def run_sweep(cache: Path, name: str, *overrides: str) -> dict:
+    """submit_sweep, then wait for the array to finish."""
+    record = submit_sweep(cache, name, f"name={name}", *TINY, *overrides)
+    wait_for_jobs(f"ns-{name}")
+    return record
+
+
+def wait_for_training(metrics: Path, timeout: float = 300) -> None:
+    """Until the run has logged 3 times (step 30: the step-10 resume state is saved)."""
+    deadline = time.time() + timeout
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+        assert time.time() < deadline, f"training never got under way ({metrics})"
+        time.sleep(0.5)
+
+
+def sweep_cli(cache: Path, *args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run([sys.executable, "-m", "normscale.sweep", *args], cwd=cwd, env=env_for(cache),
+                          capture_output=True, text=True, check=True).stdout
+
+
+def resumed_steps(log: str) -> list[int]:
+    return [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if line.startswith("normscale: resumed at step")]
 
 
 def assert_complete(run_dir: Path) -> None:
     assert [step for step, _ in list_checkpoints(run_dir)] == SCHEDULE, run_dir
     assert resume_step(run_dir) == 40
+
+
+def test_plan_prints_the_array_commands_it_would_submit_and_submits_nothing(cluster, tmp_path):
+    overrides = ["name=pl", *TINY, "task_kwargs.num_tasks=2,4,8"]
+    out = sweep_cli(tmp_path, "plan", "--throttle", "2", *overrides)
+    command = next(line for line in out.splitlines() if line.startswith("normscale: would submit: sbatch "))
+    assert " --array=0-2%2 " in command and " --requeue " in command and " --signal=B:USR1@" in command
+    assert command.endswith(str(ROOT / "slurm/sweep.sh"))
+    assert not (tmp_path / "experiments/balls_and_urns/pl/sweeps").exists()  # nothing frozen, nothing submitted
+    assert "0 finished, 0 running, 0 failed, 3 missing (never submitted)" in sweep_cli(tmp_path, "status", *overrides)
 
 
 def test_array_sweep_completes_and_resubmission_runs_exactly_what_is_missing(cluster, tmp_path):
@@ -140,9 +272,7 @@ def test_array_sweep_completes_and_resubmission_runs_exactly_what_is_missing(clu
     assert_complete(Path(again["run_dirs"][1]))
     logs = sorted((tmp_path / "experiments/balls_and_urns/arr/sweeps/logs").glob(f"{again['jobs'][0]['job_id']}_*.out"))
     assert len(logs) == 1 and "sweep point 1 " in logs[0].read_text()  # exactly that one ran again
-    status = subprocess.run([sys.executable, "-m", "normscale.sweep", "status", f"name=arr", *TINY,
-                             "task_kwargs.num_tasks=2,4,8"], cwd=ROOT, env=env_for(tmp_path), capture_output=True,
-                            text=True, check=True).stdout
+    status = sweep_cli(tmp_path, "status", "name=arr", *TINY, "task_kwargs.num_tasks=2,4,8")
     assert "3 finished, 0 running, 0 failed, 0 missing" in status
 
 
@@ -150,9 +280,7 @@ def test_a_failing_task_reports_its_log_and_the_others_finish(cluster, tmp_path)
     # a point that passes planning and fails in its task: its data exceed a tiny storage budget
     record = run_sweep(tmp_path, "fail", "data_kwargs.max_storage_gb=10,0.000001")
     assert_complete(Path(record["run_dirs"][0]))
-    status = subprocess.run([sys.executable, "-m", "normscale.sweep", "status", "name=fail", *TINY,
-                             "data_kwargs.max_storage_gb=10,0.000001"], cwd=ROOT, env=env_for(tmp_path), capture_output=True,
-                            text=True, check=True).stdout
+    status = sweep_cli(tmp_path, "status", "name=fail", *TINY, "data_kwargs.max_storage_gb=10,0.000001")
     assert "1 finished, 0 running, 1 failed, 0 missing" in status
     job = record["jobs"][0]["job_id"]
     log = tmp_path / f"experiments/balls_and_urns/fail/sweeps/logs/{job}_1.out"
@@ -161,27 +289,54 @@ def test_a_failing_task_reports_its_log_and_the_others_finish(cluster, tmp_path)
     assert "over data_kwargs.max_storage_gb=1e-06" in text and f"log: {log}" in text
 
 
-def test_preempted_array_task_requeues_and_resumes_with_every_checkpoint(cluster, tmp_path):
-    long = ["training_kwargs.max_steps=3000", "training_kwargs.save_steps.num_checkpoints=4"]
-    plan_job = sbatch(tmp_path, f"--output={tmp_path}/plan-%j.out", "slurm/sweep.sh", "name=pre", *TINY, *long)
-    deadline = time.time() + 120
-    while not manifests(tmp_path, "pre") or not json.loads(manifests(tmp_path, "pre")[-1].read_text())["jobs"]:
-        assert time.time() < deadline, (tmp_path / f"plan-{plan_job}.out").read_text()
-        time.sleep(1)
-    record = json.loads(manifests(tmp_path, "pre")[-1].read_text())
+@pytest.mark.parametrize("processes", [1, 2])
+def test_preempted_array_task_requeues_and_resumes_with_every_checkpoint(cluster, tmp_path, processes):
+    """USR1 to the task's batch shell (what --signal=B:USR1@... sends before the time limit). With 2 processes the run
+    goes through accelerate launch (torch elastic), whose launcher would die of USR1: the workers get it directly."""
+    name = f"pre{processes}"
+    record = submit_sweep(tmp_path, name, f"name={name}", *TINY, *LONG, NORMSCALE_PROCESSES_PER_TASK=str(processes))
     run_dir, job = Path(record["run_dirs"][0]), f"{record['jobs'][0]['job_id']}_0"
-    metrics = run_dir / "train_metrics.jsonl"
-    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:  # training is under way
-        assert time.time() < deadline + 180, "training never started"
-        time.sleep(0.5)
+    wait_for_training(run_dir / "train_metrics.jsonl")
+    status = sweep_cli(tmp_path, "status", f"name={name}", *TINY, *LONG)
+    assert "0 finished, 1 running, 0 failed, 0 missing" in status and f"{job} RUNNING" in status
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    wait_for_jobs("ns-pre", timeout=600)
+    wait_for_jobs(f"ns-{name}", timeout=600)
     log = (run_dir.parents[1] / "sweeps" / "logs" / f"{job}.out").read_text()
-    assert "requeueing job" in log and "restart 1" in log
-    resumed = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if line.startswith("normscale: resumed at step")]
-    assert resumed and resumed[0] > 0, log[-2000:]
-    assert [s for s, _ in list_checkpoints(run_dir)] == sorted({0, *checkpoint_schedule("sqrt_schedule", 3000, 4, 10)})
+    assert f"{processes} process(es)): " in log and f"on {processes} process(es)" in log, log[-3000:]
+    assert "requeueing job" in log and "restart 1" in log, log[-3000:]
+    assert resumed_steps(log) and resumed_steps(log)[0] > 0, log[-3000:]
+    assert [s for s, _ in list_checkpoints(run_dir)] == LONG_SCHEDULE
     assert resume_step(run_dir) == 3000
+
+
+def test_requeued_task_keeps_its_frozen_point_after_the_preset_changed(cluster, tmp_path):
+    """A checkout whose preset sweeps num_tasks=4; while the array task trains, the preset changes to 16 and the task
+    is requeued with `scontrol requeue`: it resumes point 0 of the frozen manifest (num_tasks=4), not the new grid's."""
+    checkout = tmp_path / "checkout"
+    for part in ("normscale", "conf", "slurm", "launch"):
+        shutil.copytree(ROOT / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+    preset = checkout / "conf/experiment/frozen.yaml"
+
+    def write_preset(num_tasks: int) -> None:
+        preset.write_text(f"# @package _global_\nname: frozen\nhydra:\n  sweeper:\n    params:\n"
+                          f"      task_kwargs.num_tasks: {num_tasks}\n")
+
+    write_preset(4)
+    overrides = ["experiment=frozen", *TINY, *LONG]
+    record = submit_sweep(tmp_path, "frozen", *overrides, cwd=checkout, NORMSCALE_PYTHON=sys.executable)
+    assert record["points"][0][-1] == "task_kwargs.num_tasks=4"
+    run_dir, job = Path(record["run_dirs"][0]), f"{record['jobs'][0]['job_id']}_0"
+    wait_for_training(run_dir / "train_metrics.jsonl")
+    write_preset(16)
+    assert "task_kwargs.num_tasks=16" in sweep_cli(tmp_path, "plan", *overrides, cwd=checkout)  # the grid moved
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait_for_jobs("ns-frozen", timeout=600)
+    log = (run_dir.parents[1] / "sweeps" / "logs" / f"{job}.out").read_text()
+    starts = [line for line in log.splitlines() if line.startswith("normscale: sweep point 0 ")]
+    assert len(starts) == 2 and "restart 1" in starts[1] and all(s.endswith("task_kwargs.num_tasks=4") for s in starts)
+    assert resumed_steps(log) and resumed_steps(log)[0] > 0, log[-3000:]
+    assert [r.name for r in run_dir.parent.iterdir()] == [run_dir.name]
+    assert [s for s, _ in list_checkpoints(run_dir)] == LONG_SCHEDULE and resume_step(run_dir) == 3000
 
 
 def test_hydra_submitit_launcher_runs_the_same_run_directories(cluster, tmp_path):
@@ -194,25 +349,38 @@ def test_hydra_submitit_launcher_runs_the_same_run_directories(cluster, tmp_path
     assert [r.name for r in runs] == sorted(planned)  # the run directories slurm/sweep.sh would use
     for run_dir in runs:
         assert_complete(run_dir)
-    assert list((tmp_path / "experiments/balls_and_urns/hyd/.submitit").iterdir())  # it went through submitit
+    scripts = list((tmp_path / "experiments/balls_and_urns/hyd/.submitit").rglob("*_submission.sh"))
+    assert scripts  # it went through submitit, asking for a requeueable job and the warning signal
+    for script in scripts:
+        lines = script.read_text().splitlines()
+        assert "#SBATCH --requeue" in lines and "#SBATCH --signal=USR2@120" in lines
 
 
-def test_multinode_script_runs_two_machines_as_two_slurm_tasks(cluster, tmp_path):
+def test_multinode_job_as_two_slurm_tasks_requeues_on_the_warning_signal_and_resumes(cluster, tmp_path):
+    """slurm/submit with the site settings, 2 SLURM tasks acting as 2 machines; USR1 to the batch shell: every rank
+    gets it, all stop at the same step and save, the job requeues itself and the requeued job resumes the run."""
     out = tmp_path / "multinode.out"
-    sbatch(tmp_path, "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={out}",
-           "slurm/train_multinode.sh", "name=mn", *TINY, NORMSCALE_GPUS_PER_NODE="0")
+    job = sbatch(tmp_path, "--job-name=ns-mnpre", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                 f"--output={out}", "slurm/train_multinode.sh", "name=mn", *TINY, *LONG, submit="bash slurm/submit",
+                 NORMSCALE_GPUS_PER_NODE="0", NORMSCALE_PARTITION="debug")
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    assert "Partition=debug" in shown and "TimeLimit=00:20:00" in shown and "Requeue=1" in shown
+    run_dir = tmp_path / "experiments/balls_and_urns/mn/runs" / sweep.resolve(["name=mn", *TINY, *LONG]).run_dir.name
+    wait_for_training(run_dir / "train_metrics.jsonl")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    wait_for_jobs("ns-mnpre", timeout=600)
     text = out.read_text()
     assert "2 machine(s) x 1 process(es), rendezvous 127.0.0.1" in text
     assert "on 2 process(es)" in text and "parameters identical on all 2 ranks" in text
-    run_dir = next((tmp_path / "experiments/balls_and_urns/mn/runs").iterdir())
-    assert_complete(run_dir)
+    assert "requeueing job" in text and "restart 1" in text, text[-3000:]
+    assert resumed_steps(text) and resumed_steps(text)[0] > 0, text[-3000:]
+    assert [s for s, _ in list_checkpoints(run_dir)] == LONG_SCHEDULE and resume_step(run_dir) == 3000
 
 
 def test_hydra_path_preemption_follows_submitits_checkpoint_and_requeue_contract(cluster, tmp_path):
     """USR2 (submitit's warning signal) mid-run: the run saves its resume state, submitit requeues the job, and the
     requeued job resumes the run at a step > 0 and ends with every scheduled checkpoint."""
-    args = ["-m", "hydra/launcher=slurm", "name=hpre", *TINY, "training_kwargs.max_steps=3000",
-            "training_kwargs.save_steps.num_checkpoints=4"]
+    args = ["-m", "hydra/launcher=slurm", "name=hpre", *TINY, *LONG]
     hydra = subprocess.Popen([sys.executable, "-m", "normscale.train", *args], cwd=ROOT, env=env_for(tmp_path),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     experiment_dir = tmp_path / "experiments/balls_and_urns/hpre"
@@ -230,9 +398,8 @@ def test_hydra_path_preemption_follows_submitits_checkpoint_and_requeue_contract
     logs = "\n".join(p.read_text() for p in (experiment_dir / ".submitit").rglob("*_log.out"))
     assert "normscale: preempted; resume state saved at step" in logs, logs[-3000:]
     assert "Caught signal SIGUSR2" in logs and "DUE TO JOB REQUEUE" in logs, logs[-3000:]  # submitit requeued it
-    resumed = [int(line.rsplit(" ", 1)[1]) for line in logs.splitlines() if line.startswith("normscale: resumed at step")]
-    assert resumed and resumed[0] > 0, logs[-3000:]
-    assert [s for s, _ in list_checkpoints(run_dir)] == sorted({0, *checkpoint_schedule("sqrt_schedule", 3000, 4, 10)})
+    assert resumed_steps(logs) and resumed_steps(logs)[0] > 0, logs[-3000:]
+    assert [s for s, _ in list_checkpoints(run_dir)] == LONG_SCHEDULE
     assert resume_step(run_dir) == 3000
 
 
