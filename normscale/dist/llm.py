@@ -10,10 +10,13 @@
               (torch.distributed.checkpoint's HuggingFaceStorageReader): no process ever holds the whole model.
               Ranks split the eval batches (data parallel); every rank takes part in every forward.
 
-Why FSDP for the multi-process mode: it needs nothing beyond torch and transformers, loads a 70B checkpoint shard by
-shard without one process materialising it, runs on CPU over gloo (so this path is tested here) and on NCCL, and
-its data-parallel batches spend no compute twice. Tensor parallelism (transformers' tp_plan) would give lower
-latency per sequence on NVLink; throughput on GPUs was not measured here (no GPU was lent), see docs/BENCHMARKS.md.
+Why FSDP2 for the multi-process mode, measured on CPU only (bench/bench_llm.py --part layouts, docs/BENCHMARKS.md):
+on 2 gloo processes FSDP2, transformers' tensor-parallel plan (tp_plan="auto") and DeepSpeed ZeRO-3 inference all
+score as the whole model and hold half the weights per rank; FSDP2 and tensor parallelism ran within noise of each
+other (0.65-0.81x and 0.59-0.82x the speed of whole replicas), ZeRO-3 slowest (0.52-0.53x) with the highest peak
+memory and loading time. None was clearly better, so FSDP2 stays: it needs nothing beyond torch and transformers,
+each rank reads only its slices of the shards, it spans nodes with plain data-parallel batches, and it is tested
+here. GPU throughput was not measured (no GPU was lent); within an NVLink node tensor parallelism may win on latency.
 Never runs remote code unless `model_kwargs.trust_remote_code=true`.
 """
 from __future__ import annotations
