@@ -24,6 +24,15 @@ Schema (plain h5py reads it; strings are UTF-8, configs JSON):
       <split>/per_task/<name>       (D,) per training task (single_task mode; task_ids included)
       <split>/predictions, labels, hidden_states    when the evaluation saved them
       strategy_loss/                Bayes predictors: attrs median_of_means, num_sequences, measure; group_means (10,)
+  root attrs also: sweep_parameters (JSON list of the config keys the trained runs' command lines set);
+  /runs/<run>/ attrs also: sweep_values (JSON {parameter: value}, read from the run's config)
+  /table/<column>                   a flat table, one row per (run, entry, mode, split), as equal-length 1-D columns:
+                                    run, model, kind, data_dir, step, sequences_seen, mode, split (strings / int64),
+                                    metric.<name> (float64, NaN where a row lacks it), sweep.<parameter>
+                                    (numbers as float64 or int64, anything else as a string, JSON for lists)
+  pandas without normscale:
+      f = h5py.File(path); pd.DataFrame({k: c.asstr()[()] if c.dtype.kind == "O" else c[()]
+                                         for k, c in f["table"].items()})
 """
 from __future__ import annotations
 
@@ -100,6 +109,8 @@ def collate(config: Config) -> Path:
                                 "experiment": config.name})
                 for run, entry, mode, path in new:
                     add_metrics(f, experiment_dir, run, entry, mode, path)
+                write_sweep_parameters(f)
+                write_table(f)
         print(f"normscale: collated {len(new)} new metrics file(s) of {len(found)} into {target}")
     return target
 
@@ -145,6 +156,49 @@ def add_metrics(f: h5py.File, experiment_dir: Path, run: str, entry: str, mode: 
         loss_group = group.create_group("strategy_loss")
         loss_group.attrs.update({k: loss[k] for k in ("median_of_means", "num_sequences", "measure")})
         _dataset(loss_group, "group_means", np.asarray(loss["group_means"]))
+
+
+def write_sweep_parameters(f: h5py.File) -> None:
+    """The sweep parameters of the trained runs (root attribute) and each run's values of them (run attribute)."""
+    runs = f["runs"].values()
+    parameters = sweep_parameters([json.loads(g.attrs["overrides"]) for g in runs
+                                   if g.attrs["model"] not in SINGLE_SHOT_MODELS])
+    f.attrs["sweep_parameters"] = json.dumps(parameters)
+    for run_group in runs:
+        config = json.loads(run_group.attrs["config"])
+        run_group.attrs["sweep_values"] = json.dumps({p: config_value(config, p) for p in parameters})
+
+
+def write_table(f: h5py.File) -> None:
+    """/table: one row per (run, entry, mode, split) with its scalar metrics and sweep values, as 1-D columns."""
+    parameters = json.loads(f.attrs["sweep_parameters"])
+    rows = []
+    for run_group in f["runs"].values():
+        values = json.loads(run_group.attrs["sweep_values"])
+        for entry, entry_group in run_group.items():
+            for mode, mode_group in entry_group.items():
+                for split, split_group in mode_group.items():
+                    if split == "strategy_loss":
+                        continue
+                    rows.append({"run": run_group.attrs["run"], "model": run_group.attrs["model"],
+                                 "kind": run_group.attrs["kind"], "data_dir": run_group.attrs["data_dir"],
+                                 "step": int(entry_group.attrs["step"]),
+                                 "sequences_seen": int(entry_group.attrs["sequences_seen"]), "mode": mode,
+                                 "split": split, **{f"metric.{k}": float(v) for k, v in split_group.attrs.items()},
+                                 **{f"sweep.{p}": values[p] for p in parameters}})
+    if "table" in f:
+        del f["table"]
+    table = f.create_group("table")
+    for column in sorted({k for row in rows for k in row}, key=lambda k: (k.split(".")[0] != k, k)):
+        values = [row.get(column) for row in rows]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            table.create_dataset(column, data=np.asarray(values, dtype=np.int64), track_times=False)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in values):
+            table.create_dataset(column, data=np.asarray([np.nan if v is None else v for v in values], dtype=np.float64),
+                                 track_times=False)
+        else:
+            strings = [v if isinstance(v, str) else json.dumps(v) for v in values]
+            table.create_dataset(column, data=strings, dtype=h5py.string_dtype(), track_times=False)
 
 
 def _dataset(group: h5py.Group, name: str, values) -> None:

@@ -252,7 +252,9 @@ class Config:
             raise ConfigError(
                 f"eval_kwargs.num_eval_batches={self.eval_kwargs.num_eval_batches} x eval_kwargs.batch_size="
                 f"{self.eval_kwargs.batch_size} = {total} sequences exceeds the saved eval set "
-                f"(data_kwargs.eval_size={self.data_kwargs.eval_size}); lower num_eval_batches")
+                f"(data_kwargs.eval_size={self.data_kwargs.eval_size}); use num_eval_batches <= "
+                f"{self.data_kwargs.eval_size // self.eval_kwargs.batch_size}, or set a larger data_kwargs.eval_size "
+                "when preparing the data (eval sets are part of a dataset's identity)")
 
     @property
     def experiment_dir(self) -> Path:

@@ -84,6 +84,27 @@ def test_bayes_predictors_scored_as_models_give_w_m_one_and_zero(trained):
     assert losses["memorizing"]["median_of_means"] < losses["generalizing"]["median_of_means"]  # D=2: M wins in-dist.
 
 
+def test_const_predictor_through_the_command_line_and_bayes_results_cached(trained, tmp_path):
+    """Const (alpha / sum alpha: uniform over colours here) as a model; a second run skips it, overwrite=true redoes it."""
+    cache = copy_experiment(trained, tmp_path)
+    cli("normscale.eval", cache, "model=bayes", "model_kwargs.kind=const")
+    files = sorted((experiment(cache) / "runs" / "bayes-const").glob("*/metrics.pt"))
+    assert len(files) == len(NUM_TASKS)
+    for path in files:
+        metrics = load_metrics(path)
+        assert metrics["kind"] == "const" and metrics["checkpoint_meta"] is None
+        generalizing = load_metrics(experiment(cache) / "runs" / "bayes-generalizing" / path.parent.name / "metrics.pt")
+        for split, summary in metrics["splits"].items():  # uniform predictions: KL to theta above G's, w_M in [0, 1]
+            assert summary["scalars"]["kl"] > generalizing["splits"][split]["scalars"]["kl"]
+            assert 0 <= summary["scalars"]["w_M"] <= 1
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    again = cli("normscale.eval", cache, "model=bayes", "model_kwargs.kind=const")
+    assert again.stdout.count("exists; overwrite=true evaluates it again") == len(NUM_TASKS)
+    assert [p.stat().st_mtime_ns for p in files] == mtimes
+    cli("normscale.eval", cache, "model=bayes", "model_kwargs.kind=const", "overwrite=true")
+    assert all(p.stat().st_mtime_ns > m for p, m in zip(files, mtimes))
+
+
 class Mixture(nn.Module):
     """A 'model' whose colour distribution is w M + (1 - w) G, optionally shifted by one position."""
 
@@ -206,7 +227,8 @@ def dump(path) -> dict:
     with h5py.File(path) as f:
         def visit(name, obj):
             content[name] = ({k: repr(v) for k, v in obj.attrs.items()},
-                             obj[()].tobytes() if isinstance(obj, h5py.Dataset) else None)
+                             None if not isinstance(obj, h5py.Dataset) else
+                             repr(obj[()].tolist()) if obj.dtype.kind == "O" else obj[()].tobytes())
         f.visititems(visit)
         content["/"] = {k: repr(v) for k, v in f.attrs.items()}
     return content
@@ -232,9 +254,50 @@ def test_collation_is_idempotent_skips_incomplete_checkpoints_and_picks_them_up(
     cli("normscale.eval", cache)  # evaluates checkpoint-500 only
     assert "collated 1 new metrics file(s)" in cli("normscale.collate", cache).stdout
     after = dump(path)
-    assert {k: v for k, v in after.items() if "step-00000500" not in k} == before
+    unchanged = lambda content: {k: v for k, v in content.items() if "step-00000500" not in k and "table" not in k}
+    assert unchanged(after) == unchanged(before)
+    table = plain_table(path)
+    assert len(table) == 14 * 2 + 2  # every (file, split) once; the new checkpoint's two splits added
+    assert len(table[table["step"] == 500]) == 2
     frame = load_eval_results(SETTING, "ev", cache_dir=str(cache), update=False)
     assert 500 in set(frame["checkpoint"]) and 600 not in set(frame["checkpoint"])
+
+
+def plain_table(path):
+    """metrics.h5's flat table read the way the schema tells a user without normscale to read it."""
+    import pandas as pd
+
+    with h5py.File(path) as f:
+        return pd.DataFrame({k: c.asstr()[()] if c.dtype.kind == "O" else c[()] for k, c in f["table"].items()})
+
+
+def test_plain_h5py_and_pandas_read_sweep_parameters_and_metrics(trained, tmp_path):
+    cache = copy_experiment(trained, tmp_path)
+    cli("normscale.eval", cache)
+    path = experiment(cache) / "metrics.h5"
+    cli("normscale.collate", cache)
+    frame = load_eval_results(SETTING, "ev", cache_dir=str(cache), update=False)
+    with h5py.File(path) as f:
+        parameters = json.loads(f.attrs["sweep_parameters"])  # every key the command lines set, as for the frame
+        assert parameters == sorted(c for c in frame.columns if "." in c) and "task_kwargs.num_tasks" in parameters
+        for run_group in f["runs"].values():
+            config = json.loads(run_group.attrs["config"])
+            values = json.loads(run_group.attrs["sweep_values"])
+            assert values["task_kwargs.num_tasks"] == config["task_kwargs"]["num_tasks"]
+            assert set(values) == set(parameters)
+            if run_group.attrs["model"] == "transformer":
+                assert values["model_kwargs.hidden_size"] == 32
+    table = plain_table(path)
+    assert len(table) == 2 * len(frame)  # id and ood of every row
+    assert sorted(set(table["sweep.task_kwargs.num_tasks"])) == list(NUM_TASKS)
+    assert table["step"].dtype == np.int64 and set(table["model"]) == {"transformer", "bayes"}
+    for _, row in frame.iterrows():  # the table's scalars are the DataFrame's
+        step = -1 if row["checkpoint"] is None else row["checkpoint"]
+        for split in ("id", "ood"):
+            match = table[(table["run"] == row["run"]) & (table["step"] == step) & (table["split"] == split)]
+            assert len(match) == 1 and match["metric.w_M"].iloc[0] == pytest.approx(row["metrics"][split]["w_M"],
+                                                                                   nan_ok=True)
+            assert match["sweep.task_kwargs.num_tasks"].iloc[0] == row["task_kwargs.num_tasks"]
 
 
 def test_load_eval_results_has_the_predecessor_columns_and_sweep_parameters(trained, tmp_path):
@@ -273,6 +336,24 @@ def test_analysis_fits_and_draws_the_standard_figures(trained, tmp_path):
     assert 0 < fit["alpha"] < 1 and fit["n_fit_cells"] + fit["n_held_out_cells"] == 10
     assert set(summary["final_w_M"]["id"]) == {"2", "64"}
     assert summary["complexity_bits"]["64"]["memorizing"] > summary["complexity_bits"]["2"]["memorizing"]
+
+
+def test_analysis_leaves_out_checkpoints_evaluated_only_per_task(trained, tmp_path):
+    cache = copy_experiment(trained, tmp_path)
+    cli("normscale.eval", cache)
+    run = trained_runs(cache)[0]
+    shutil.copytree(run / "checkpoint-120", run / "checkpoint-500")  # a new checkpoint, evaluated per task only
+    (run / "checkpoint-500" / "metrics.pt").unlink()
+    cli("normscale.eval", cache, "eval_kwargs.mode=single_task")
+    cli("normscale.collate", cache)
+    result = cli("normscale.analysis", cache)
+    assert "leaving out 1 checkpoint(s) evaluated only in single_task mode" in result.stdout
+    summary = json.loads((experiment(cache) / "analysis" / "summary.json").read_text())
+    assert summary["fit"]["n_fit_cells"] + summary["fit"]["n_held_out_cells"] == 10
+    for run_name, step in summary["transition_steps"]["observed"].items():
+        sequences = summary["transition_sequences"]["observed"][run_name]
+        assert sequences == (None if step is None else 16 * step)
+    assert set(summary["transition_sequences"]["predicted"]) == {"2", "64"}
 
 
 def test_analysis_without_bayes_results_says_what_to_run(trained, tmp_path):

@@ -58,10 +58,17 @@ def load_frame(config: Config):
         raise NormscaleError(f"{path} does not exist: run `python -m normscale.collate` with the experiment's "
                              "overrides first")
     frame = read_results(path)
-    trained = frame[frame["checkpoint"].notna()]
-    if trained.empty:
-        raise NormscaleError(f"{path} holds no evaluated checkpoints: run `python -m normscale.eval` first")
-    return path, frame, trained
+    standard = frame["metrics"].map(lambda m: "id" in m)  # rows with standard-mode results (not single_task only)
+    checkpoints = frame["checkpoint"].notna()
+    if not (checkpoints & standard).any():
+        raise NormscaleError(f"{path} holds no checkpoints evaluated in standard mode: run `python -m normscale.eval` "
+                             "(eval_kwargs.mode=standard, the default) with the experiment's overrides, then collate")
+    skipped = frame[checkpoints & ~standard]
+    if not skipped.empty:
+        print(f"normscale: leaving out {len(skipped)} checkpoint(s) evaluated only in single_task mode (e.g. "
+              f"{skipped['run'].iloc[0]} step {skipped['checkpoint'].iloc[0]}); `python -m normscale.eval` and "
+              "collate again to include them")
+    return path, frame[standard], frame[checkpoints & standard]
 
 
 def bayes_rows(frame, path: Path) -> dict[tuple[str, str], dict]:
@@ -106,6 +113,11 @@ def analyze(config: Config) -> Path:
                 M=reference[(row["data_dir"], "memorizing")], G=reference[(row["data_dir"], "generalizing")],
                 K_M=K["memorizing"], K_G=K["generalizing"], L_M=L[D]["memorizing"], L_G=L[D]["generalizing"],
                 observed_w_M=row["metrics"]["id"]["w_M"]))
+    shapes = {c.T.shape for c in cells} | {c.M.shape for c in cells}
+    if len(shapes) > 1:
+        raise NormscaleError(f"the fit subsets in {path} differ in shape ({sorted(shapes)}): the checkpoints and the "
+                             "Bayes predictors were evaluated with different eval_kwargs.fit_size; evaluate them again "
+                             "with one value (overwrite=true), then collate")
     result = normative.fit(cells, setting)
     fitted = {id(c) for c in normative.split_cells(cells)[0]}
     predicted = [float(normative.memorizing_weight(c.step, c.K_M, c.K_G, c.L_M, c.L_G, result.alpha, result.beta,
@@ -118,6 +130,7 @@ def analyze(config: Config) -> Path:
         config_row = group["config"].iloc[0]
         runs.append({"run": run, "config": config_row, "D": config_row.task_kwargs.num_tasks, "seed": config_row.seed,
                      "hidden_size": config_row.model_kwargs.hidden_size, "steps": steps,
+                     "batch_size": config_row.training_kwargs.batch_size,
                      "data_dir": group["data_dir"].iloc[0],
                      "w_M": {s: [m[s]["w_M"] for m in group["metrics"]] for s in ("id", "ood")},
                      "loss": {s: [m[s][metric] for m in group["metrics"]] for s in ("id", "ood")},
@@ -153,6 +166,11 @@ def analyze(config: Config) -> Path:
         "task_diversity_threshold_D*": task_diversity_threshold(Ds, [final_w_m[D] for D in Ds]),
         "transition_steps": {"predicted": result.to_json_dict()["transition_steps"],
                              "observed": {r["run"]: r["transition_step"] for r in runs}},
+        "transition_sequences": {  # the same in sequences seen (steps x global batch size)
+            "predicted": {str(D): sequences(result.transition_steps[D], {r["batch_size"] for r in by_D[D]})
+                          for D in Ds},
+            "observed": {r["run"]: None if r["transition_step"] is None else r["transition_step"] * r["batch_size"]
+                         for r in runs}},
         "figures": [p.name for p in written],
         "widths": widths if len(widths) > 1 else f"not plotted: one hidden size ({widths[0]}) in this experiment",
     }
@@ -162,6 +180,12 @@ def analyze(config: Config) -> Path:
           + ", ".join(f"D={D} {final_w_m[D]:.2f}" for D in Ds))
     print(f"normscale: figures and summary.json in {out}")
     return out
+
+
+def sequences(steps: float, batch_sizes: set[int]) -> float | None | dict[str, float | None]:
+    """N*(D) in sequences seen; per batch size when the runs at this D differ in it."""
+    values = {b: steps * b if math.isfinite(steps) else None for b in sorted(batch_sizes)}
+    return next(iter(values.values())) if len(values) == 1 else {f"batch_size={b}": v for b, v in values.items()}
 
 
 def nan_to_none(x: float) -> float | None:
