@@ -26,3 +26,4 @@ bench: install
 	$(PY) bench/bench_shards.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_llm.py
