@@ -362,7 +362,10 @@ def evaluate_llm(config: Config, accelerator) -> list[Path]:
                                          seed=config.seed, vocab_chunk=kwargs.vocab_chunk)
             loaded["bytes"] = {"rank": accelerator.process_index, "local": local, "total": total}
         results = evaluator.evaluate(loaded["scorer"], collective=kwargs.sharding == "fsdp")
-        return {**results, "parameter_bytes": loaded["bytes"]}
+        local, total = parameter_bytes(loaded["scorer"].model)  # FSDP: still sharded between forwards
+        print(f"normscale: rank {accelerator.process_index} holds {local / 2**20:.3f} of {total / 2**20:.3f} MiB "
+              "after scoring", flush=True)
+        return {**results, "parameter_bytes": {**loaded["bytes"], "local_after_scoring": local}}
 
     changes = {"model": "llm", "model_kwargs": kwargs}
     return evaluate_single_shot(config, accelerator, label, None, changes,

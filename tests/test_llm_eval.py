@@ -59,8 +59,11 @@ def test_unsharded_device_map_and_fsdp_layouts_score_alike(models, tmp_path):
     on_disk = int(re.search(r"\((\d+) module\(s\) on disk\)", dispatched.stdout).group(1))
     assert on_disk > 0  # the split is forced: it cannot equal the unsharded path by accident
     sharded = evaluate(tmp_path / "fsdp", f"model_kwargs.model_path={model}", "model_kwargs.sharding=fsdp", launcher=True)
-    held = [tuple(map(float, m)) for m in re.findall(r"rank \d holds ([\d.]+) of ([\d.]+) MiB", sharded.stdout)]
+    held = [tuple(map(float, m)) for m in re.findall(r"rank \d holds ([\d.]+) of ([\d.]+) MiB of ", sharded.stdout)]
     assert len(held) == 2 and all(0.4 < local / total < 0.6 for local, total in held), held  # ~1/world each
+    after = [tuple(map(float, m)) for m in re.findall(r"rank \d holds ([\d.]+) of ([\d.]+) MiB after scoring",
+                                                      sharded.stdout)]
+    assert len(after) == 2 and all(0.4 < local / total < 0.6 for local, total in after), after  # and between forwards
     reference = results_of(tmp_path / "whole", model)
     for other in (results_of(tmp_path / "map", model), results_of(tmp_path / "fsdp", model)):
         for split in ("id", "ood"):
