@@ -178,16 +178,16 @@ def main() -> None:
     ])
     print(text)
     if args.markdown:
-        write_section(Path(args.markdown), text)
+        write_section(Path(args.markdown), SECTION, text)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section, leaving the rest of the file alone."""
+def write_section(path: Path, section: str, text: str) -> None:
+    """Replace (or append) a benchmark's section (its "## " heading line), leaving the rest of the file alone."""
     header = "# Benchmarks\n\nMeasured results of `bench/`, each with its command and machine.\n"
     doc = path.read_text() if path.exists() else header
     lines = doc.splitlines()
-    if SECTION in lines:
-        start = lines.index(SECTION)
+    if section in lines:
+        start = lines.index(section)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         lines[start:end] = text.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
     else:

@@ -37,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from bench_bayes import machine, naive_memorizing  # noqa: E402
+from bench_bayes import machine, naive_memorizing, write_section  # noqa: E402
 from bench_train import compose  # noqa: E402
 from normscale.data import prepare_data  # noqa: E402
 from normscale.eval import ModelEvaluator  # noqa: E402
@@ -104,17 +104,6 @@ def normscale_m(evaluator: ModelEvaluator, dtype: torch.dtype) -> tuple[float, d
     out = {split: evaluator.predict(predictor, split)[0] for split in evaluator.splits}
     return time.perf_counter() - start, out
 
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section, leaving the rest of the file alone (as bench_bayes.py)."""
-    lines = path.read_text().splitlines()
-    if SECTION in lines:
-        start = lines.index(SECTION)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = text.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
-    else:
-        lines += [""] + text.rstrip("\n").splitlines()
-    path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -224,7 +213,7 @@ def main() -> None:
     ])
     print(text)
     if args.markdown:
-        write_section(Path(args.markdown), text)
+        write_section(Path(args.markdown), SECTION, text)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
-from bench_bayes import machine  # noqa: E402
+from bench_bayes import machine, write_section  # noqa: E402
 from llm_fixture import make_tokenizer  # noqa: E402
 from normscale.model.llm import LLMScorer  # noqa: E402
 
@@ -451,19 +451,8 @@ def main() -> None:
     ])
     print(text)
     if args.markdown:
-        write_section(Path(args.markdown), text)
+        write_section(Path(args.markdown), SECTION, text)
 
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this benchmark's section, leaving the rest of the file alone (as bench_bayes.py)."""
-    lines = path.read_text().splitlines()
-    if SECTION in lines:
-        start = lines.index(SECTION)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = text.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
-    else:
-        lines += [""] + text.rstrip("\n").splitlines()
-    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
