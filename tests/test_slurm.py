@@ -4,7 +4,8 @@ failing tasks, frozen manifests, the slurm/submit wrapper, multi-node as two tas
 
 Skipped only when no local cluster can be started here (the reason is given); `.ci/run` starts one and sets
 NORMSCALE_REQUIRE_SLURM=1, under which a missing cluster fails instead. A cluster this module starts is stopped at
-the end of the session (only the daemons it started)."""
+the end of the session (only the daemons it started). Job logs are read with errors="replace": the tasks of one
+job write to one file at once, so the bytes of multi-byte characters (tqdm's bars) can interleave."""
 import json
 import os
 import re
@@ -271,7 +272,7 @@ def test_array_sweep_completes_and_resubmission_runs_exactly_what_is_missing(clu
     assert again["submitted"] == [1] and again["jobs"][0]["array"] == "0" and again["jobs"][0]["offset"] == 1
     assert_complete(Path(again["run_dirs"][1]))
     logs = sorted((tmp_path / "experiments/balls_and_urns/arr/sweeps/logs").glob(f"{again['jobs'][0]['job_id']}_*.out"))
-    assert len(logs) == 1 and "sweep point 1 " in logs[0].read_text()  # exactly that one ran again
+    assert len(logs) == 1 and "sweep point 1 " in logs[0].read_text(errors="replace")  # exactly that one ran again
     status = sweep_cli(tmp_path, "status", "name=arr", *TINY, "task_kwargs.num_tasks=2,4,8")
     assert "3 finished, 0 running, 0 failed, 0 missing" in status
 
@@ -285,7 +286,7 @@ def test_a_failing_task_reports_its_log_and_the_others_finish(cluster, tmp_path)
     job = record["jobs"][0]["job_id"]
     log = tmp_path / f"experiments/balls_and_urns/fail/sweeps/logs/{job}_1.out"
     assert f"log {log}" in status
-    text = log.read_text()
+    text = log.read_text(errors="replace")
     assert "over data_kwargs.max_storage_gb=1e-06" in text and f"log: {log}" in text
 
 
@@ -301,7 +302,7 @@ def test_preempted_array_task_requeues_and_resumes_with_every_checkpoint(cluster
     assert "0 finished, 1 running, 0 failed, 0 missing" in status and f"{job} RUNNING" in status
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_for_jobs(f"ns-{name}", timeout=600)
-    log = (run_dir.parents[1] / "sweeps" / "logs" / f"{job}.out").read_text()
+    log = (run_dir.parents[1] / "sweeps" / "logs" / f"{job}.out").read_text(errors="replace")
     assert f"{processes} process(es)): " in log and f"on {processes} process(es)" in log, log[-3000:]
     assert "requeueing job" in log and "restart 1" in log, log[-3000:]
     assert resumed_steps(log) and resumed_steps(log)[0] > 0, log[-3000:]
@@ -331,7 +332,7 @@ def test_requeued_task_keeps_its_frozen_point_after_the_preset_changed(cluster, 
     assert "task_kwargs.num_tasks=16" in sweep_cli(tmp_path, "plan", *overrides, cwd=checkout)  # the grid moved
     subprocess.run(["scontrol", "requeue", job], check=True)
     wait_for_jobs("ns-frozen", timeout=600)
-    log = (run_dir.parents[1] / "sweeps" / "logs" / f"{job}.out").read_text()
+    log = (run_dir.parents[1] / "sweeps" / "logs" / f"{job}.out").read_text(errors="replace")
     starts = [line for line in log.splitlines() if line.startswith("normscale: sweep point 0 ")]
     assert len(starts) == 2 and "restart 1" in starts[1] and all(s.endswith("task_kwargs.num_tasks=4") for s in starts)
     assert resumed_steps(log) and resumed_steps(log)[0] > 0, log[-3000:]
@@ -369,7 +370,7 @@ def test_multinode_job_as_two_slurm_tasks_requeues_on_the_warning_signal_and_res
     wait_for_training(run_dir / "train_metrics.jsonl")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_for_jobs("ns-mnpre", timeout=600)
-    text = out.read_text()
+    text = out.read_text(errors="replace")
     assert "2 machine(s) x 1 process(es), rendezvous 127.0.0.1" in text
     assert "on 2 process(es)" in text and "parameters identical on all 2 ranks" in text
     assert "requeueing job" in text and "restart 1" in text, text[-3000:]
@@ -394,7 +395,7 @@ def test_hydra_path_preemption_follows_submitits_checkpoint_and_requeue_contract
     out, _ = hydra.communicate(timeout=600)
     assert hydra.returncode == 0, out[-3000:]
     run_dir = next(experiment_dir.glob("runs/*"))
-    logs = "\n".join(p.read_text() for p in sorted((experiment_dir / ".submitit").rglob("*_log.*")))  # out and err
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted((experiment_dir / ".submitit").rglob("*_log.*")))  # out and err
     assert "normscale: preempted; resume state saved at step" in logs, logs[-3000:]
     assert "Caught signal SIGUSR2" in logs and "DUE TO JOB REQUEUE" in logs, logs[-3000:]  # submitit requeued it
     assert resumed_steps(logs) and resumed_steps(logs)[0] > 0, logs[-3000:]
@@ -412,7 +413,7 @@ def test_llm_eval_script_shards_a_model_over_two_slurm_tasks(cluster, tmp_path):
            "task_kwargs.num_dims=4", "task_kwargs.context_length=12", "task_kwargs.num_tasks=4",
            "task_kwargs.num_ood_tasks=20", "training_kwargs.batch_size=8", "data_kwargs.eval_size=32",
            "eval_kwargs.batch_size=8", "eval_kwargs.num_eval_batches=2", NORMSCALE_GPUS_PER_NODE="0")
-    text = out.read_text()
+    text = out.read_text(errors="replace")
     assert "2 machine(s) x 1 process(es)" in text and "rank 1 holds" in text and "(fsdp)" in text, text[-3000:]
     results = list((tmp_path / "experiments/balls_and_urns/llm_eval/runs/llm-tiny").glob("*/metrics.pt"))
     assert len(results) == 1
