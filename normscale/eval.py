@@ -352,19 +352,21 @@ def evaluate_llm(config: Config, accelerator) -> list[Path]:
     label = llm_label(kwargs.model_path)
     loaded = {}
 
+    def held(model, what: str) -> tuple[int, int]:
+        local, total = parameter_bytes(model)
+        print(f"normscale: rank {accelerator.process_index} holds {local / 2**20:.3f} of {total / 2**20:.3f} MiB "
+              f"{what}", flush=True)
+        return local, total
+
     def score(evaluator: ModelEvaluator) -> dict:
         if not loaded:  # only when some dataset still needs it
             model, tokenizer = load_llm(config, accelerator)
-            local, total = parameter_bytes(model)
-            print(f"normscale: rank {accelerator.process_index} holds {local / 2**20:.3f} of {total / 2**20:.3f} MiB "
-                  f"of {kwargs.model_path} ({kwargs.sharding})", flush=True)
+            local, total = held(model, f"of {kwargs.model_path} ({kwargs.sharding})")
             loaded["scorer"] = LLMScorer(model, tokenizer, config.task_kwargs.num_dims, mapping=kwargs.colour_mapping,
                                          seed=config.seed, vocab_chunk=kwargs.vocab_chunk)
             loaded["bytes"] = {"rank": accelerator.process_index, "local": local, "total": total}
         results = evaluator.evaluate(loaded["scorer"], collective=kwargs.sharding == "fsdp")
-        local, total = parameter_bytes(loaded["scorer"].model)  # FSDP: still sharded between forwards
-        print(f"normscale: rank {accelerator.process_index} holds {local / 2**20:.3f} of {total / 2**20:.3f} MiB "
-              "after scoring", flush=True)
+        local, _ = held(loaded["scorer"].model, "after scoring")  # FSDP: still sharded between forwards
         return {**results, "parameter_bytes": {**loaded["bytes"], "local_after_scoring": local}}
 
     changes = {"model": "llm", "model_kwargs": kwargs}
