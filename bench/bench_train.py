@@ -8,11 +8,16 @@ path, trained for --steps steps by:
   Trainer          transformers' Trainer on GPTNeoXForCausalLM of the same size (the model normscale's hf_gpt_neox
                    wraps), the same AdamW and schedule, fp32, CPU, nothing saved or evaluated; batch i is step i's
                    batch (an IterableDataset over ShardReader, tokens as input_ids and labels); untuned (defaults)
-                   and with the speed options a user would flip
-Each configuration runs in its own process, --rounds times in alternating order (the best round is shown).
+                   and with the speed options a user would flip; and untuned under the glibc malloc settings
+                   that normscale's training process applies to itself (normscale.dist.accel.keep_freed_memory),
+                   given through the environment
+  bare step        the ceiling for any loop: each model's forward, loss, backward, clipping and AdamW step called by
+                   hand in a bare `for` loop over the same batches (no logging, no progress bar, no checks)
+Each configuration runs in its own process, --rounds times in alternating order (the median is shown).
 Steady state: steps per second over all steps after the first --window (warm-up), from train_metrics.jsonl's
 seconds_per_step for normscale and from a callback's time stamps at each step's end for the Trainer (the same
-quantity: wall time of steps window+1..steps over their number).
+quantity: wall time of steps window+1..steps over their number). On a machine with a GPU everything runs on it
+(the Trainer without use_cpu; normscale picks the GPU itself); the table then has the GPU figures.
 
     .venv/bin/python bench/bench_train.py
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,12 +41,15 @@ sys.path.insert(0, str(ROOT))
 from normscale.cli import CONF_DIR, to_config  # noqa: E402
 from normscale.config import run_name  # noqa: E402
 from normscale.data import ShardReader, prepare_data  # noqa: E402
+from normscale.dist.accel import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD, MALLOC_SETTINGS  # noqa: E402
 from normscale.model import build_model  # noqa: E402
 
 # The Trainer's speed options that work on this CPU: no per-step NaN/inf check of the loss, torch.compile.
 # Already on by default here: fused AdamW (optim=adamw_torch_fused), pin_memory off (use_cpu=True). Tried and left
 # out: dataloader_num_workers >= 1 (slower on 2 cores: the worker competes with the step's threads), bf16 (not fp32).
 TRAINER_OPTIONS = {"untuned": {}, "tuned": {"logging_nan_inf_filter": False, "torch_compile": True}}
+MALLOC_ENV = {f"MALLOC_{name}_": str(MALLOC_SETTINGS[option]) for name, option in
+              (("MMAP_THRESHOLD", M_MMAP_THRESHOLD), ("TRIM_THRESHOLD", M_TRIM_THRESHOLD), ("TOP_PAD", M_TOP_PAD))}
 NORMSCALE_RUNS = (["model=transformer"], ["model=hf_gpt_neox"], ["model=transformer", "training_kwargs.compile=true"])
 
 
@@ -57,9 +66,9 @@ def normscale_overrides(cache_dir: Path, steps: int, window: int) -> list[str]:
             "training_kwargs.save_steps.schedule=end_only", "logging.wandb=false"]
 
 
-def run(command: list[str]) -> str:
+def run(command: list[str], env: dict | None = None) -> str:
     """Run a configuration in its own process; its stdout, or exit with its error."""
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     return done.stdout
@@ -73,13 +82,14 @@ def normscale_rate(cache_dir: Path, extra: list[str], steps: int, window: int) -
     return 1 / (sum(r["seconds_per_step"] for r in records[1:]) / len(records[1:]))
 
 
-def trainer_label(option: str) -> str:
-    return "Trainer, " + (" ".join(f"{k}={v}" for k, v in TRAINER_OPTIONS[option].items()) or "untuned (defaults)")
+def trainer_label(option: str, malloc: bool = False) -> str:
+    options = " ".join(f"{k}={v}" for k, v in TRAINER_OPTIONS[option].items()) or "untuned (defaults)"
+    return f"Trainer, {options}" + (", normscale's malloc settings" if malloc else "")
 
 
-def trainer_rate(cache_dir: Path, option: str, steps: int, window: int) -> float:
+def trainer_rate(cache_dir: Path, option: str, steps: int, window: int, malloc: bool = False) -> float:
     out = run([sys.executable, __file__, "--trainer", option, "--cache-dir", str(cache_dir), "--steps", str(steps),
-               "--window", str(window)])
+               "--window", str(window)], env=MALLOC_ENV if malloc else None)
     return float(out.strip().splitlines()[-1])
 
 
@@ -99,6 +109,38 @@ class StepBatches(torch.utils.data.IterableDataset):
                 yield {"input_ids": tokens, "labels": tokens}
 
 
+def run_bare(cache_dir: Path, model_name: str, steps: int, window: int) -> float:
+    """Child process: the bare training step of `model=model_name`, stepped by hand; steady-state steps/s."""
+    from normscale.dist.accel import keep_freed_memory
+    from normscale.metrics import sequence_losses
+    from normscale.model import optimizer_groups
+
+    keep_freed_memory()
+    config = compose([*normscale_overrides(cache_dir, steps, window), f"model={model_name}"])
+    training, device = config.training_kwargs, "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(config).to(device)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, training.learning_rate, training.weight_decay),
+                                  betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
+    reader = ShardReader(prepare_data(config).plan.directory, config.setting, device=device)
+    for step in range(steps):
+        if step == window:
+            torch.cuda.synchronize() if device == "cuda" else None
+            start = time.perf_counter()
+        batch = reader.batch(step)
+        sequence_losses(config.setting, model(batch), batch).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize() if device == "cuda" else None
+    return (steps - window) / (time.perf_counter() - start)
+
+
+def bare_rate(cache_dir: Path, model_name: str, steps: int, window: int) -> float:
+    out = run([sys.executable, __file__, "--bare", model_name, "--cache-dir", str(cache_dir), "--steps", str(steps),
+               "--window", str(window)])
+    return float(out.strip().splitlines()[-1])
+
+
 def run_trainer(cache_dir: Path, option: str, steps: int, window: int) -> float:
     """Child process: train with transformers' Trainer, return steady-state steps/s."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -112,8 +154,9 @@ def run_trainer(cache_dir: Path, option: str, steps: int, window: int) -> float:
             ends.append(time.perf_counter())
 
     args = TrainingArguments(
-        output_dir=str(cache_dir / f"trainer-{option}"), use_cpu=True, report_to="none", save_strategy="no",
-        eval_strategy="no", logging_steps=steps, max_steps=steps, per_device_train_batch_size=training.batch_size,
+        output_dir=str(cache_dir / f"trainer-{option}"), use_cpu=not torch.cuda.is_available(), report_to="none",
+        save_strategy="no", eval_strategy="no", logging_steps=steps, max_steps=steps,
+        per_device_train_batch_size=training.batch_size,
         learning_rate=training.learning_rate, adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2,
         adam_epsilon=training.adam_eps, weight_decay=training.weight_decay, max_grad_norm=training.max_grad_norm,
         lr_scheduler_type="constant_with_warmup", warmup_steps=training.warmup_steps,
@@ -128,8 +171,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps per configuration")
     parser.add_argument("--window", type=int, default=50, help="logging window; the first one is warm-up")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of every configuration, interleaved")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every configuration, interleaved")
     parser.add_argument("--trainer", choices=TRAINER_OPTIONS, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--bare", choices=("transformer", "hf_gpt_neox"), help=argparse.SUPPRESS)  # child process
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps % args.window or args.steps < 2 * args.window:
@@ -137,27 +181,35 @@ def main() -> None:
     if args.trainer:
         print(run_trainer(args.cache_dir, args.trainer, args.steps, args.window))
         return
+    if args.bare:
+        print(run_bare(args.cache_dir, args.bare, args.steps, args.window))
+        return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {device}; "
           f"{args.steps} steps (the first {args.window} are warm-up), {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(tmp)
         prepare_data(compose(normscale_overrides(cache_dir, args.steps, args.window)))
         configs = {trainer_label(o): partial(trainer_rate, cache_dir, o, args.steps, args.window)
                    for o in TRAINER_OPTIONS}
+        configs[trainer_label("untuned", malloc=True)] = partial(trainer_rate, cache_dir, "untuned", args.steps,
+                                                                 args.window, malloc=True)
         configs |= {f"normscale, {' '.join(extra)}": partial(normscale_rate, cache_dir, extra, args.steps, args.window)
                     for extra in NORMSCALE_RUNS}
+        configs |= {f"bare step, model={m}": partial(bare_rate, cache_dir, m, args.steps, args.window)
+                    for m in ("transformer", "hf_gpt_neox")}
         rates = {name: [] for name in configs}
         for r in range(args.rounds):  # alternate the order, so that drift in the machine's load hits all alike
             for name in (configs if r % 2 == 0 else reversed(configs)):
                 rates[name].append(configs[name]())
                 print(f"  round {r + 1}: {name}: {rates[name][-1]:.2f} steps/s", flush=True)
-    baseline = max(rates[trainer_label("untuned")])
-    print(f"\n| configuration | steps/s, best of {args.rounds} | every round | vs Trainer, untuned |\n"
+    baseline = statistics.median(rates[trainer_label("untuned")])
+    print(f"\n| configuration | steps/s, median of {args.rounds} | every round | vs Trainer, untuned |\n"
           f"|---|---:|---:|---:|")
     for name, values in rates.items():
         rounds = ", ".join(f"{v:.2f}" for v in values)
-        print(f"| {name} | {max(values):.2f} | {rounds} | {max(values) / baseline:.2f}x |")
+        print(f"| {name} | {statistics.median(values):.2f} | {rounds} | {statistics.median(values) / baseline:.2f}x |")
 
 
 if __name__ == "__main__":

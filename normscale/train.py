@@ -25,8 +25,8 @@ from normscale.config import Config, run_name
 from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
 from normscale.data.seeds import stream_seed
 from normscale.data.store import check_budget, rank_rows, to_torch
-from normscale.dist.accel import (check_replicas_identical, finish_process, load_resume, make_accelerator, prepare,
-                                  save_checkpoint, save_resume)
+from normscale.dist.accel import (check_replicas_identical, finish_process, keep_freed_memory, load_resume,
+                                  make_accelerator, prepare, save_checkpoint, save_resume)
 from normscale.metrics import sequence_losses, task_metrics
 from normscale.model import build_model
 from normscale.model.mup import optimizer_groups
@@ -120,6 +120,7 @@ def prepare_run_dir(config: Config, run_dir: Path, accelerator) -> None:
 
 def train(config: Config, overrides: list[str]) -> Path:
     preemption = Preemption()  # first: a signal during start-up stops the run at its first step boundary
+    keep_freed_memory()
     accelerator = make_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
     name = run_name(overrides, config.seed)

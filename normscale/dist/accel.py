@@ -6,9 +6,11 @@ block classes, gathering full weights for checkpoints) live here. Without CUDA t
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
+import platform
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +25,22 @@ from normscale.config import Config, NormscaleError
 from normscale.dist import process_info
 
 PRECISION = {"fp32": "no", "bf16": "bf16"}
+# glibc mallopt options and normscale's values: blocks up to 32 MiB come from the heap, which keeps up to 1 GiB free
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 64 << 20}
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory for reuse (nothing to do under other C libraries). By default it hands
+    large freed blocks back to the OS, so every step faults its activations in again, page by page: thousands of
+    page faults a step for the canonical model on CPU (bench/bench_train.py). Environment equivalent, for any
+    process: MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    for option, value in MALLOC_SETTINGS.items():
+        if libc.mallopt(option, value) != 1:
+            raise RuntimeError(f"glibc's mallopt({option}, {value}) failed")
 
 
 def make_accelerator(config: Config) -> Accelerator:
