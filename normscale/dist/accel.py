@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
-from torch.distributed.tensor import DTensor
 
 from normscale.checkpoints import publish_resume, resume_staging, resume_step, write_checkpoint
 from normscale.config import Config, NormscaleError
@@ -107,6 +106,8 @@ def prepare(accelerator: Accelerator, model, optimizer, scheduler):
 
 def parameter_elements(model) -> tuple[int, int]:
     """(elements of the parameters this rank holds, elements of the whole model): smaller under ZeRO-3 / FSDP."""
+    from torch.distributed.tensor import DTensor  # here: importing it costs every process seconds (sympy)
+
     local = full = 0
     for p in model.parameters():
         if hasattr(p, "ds_numel"):  # ZeRO-3: an empty placeholder; this rank's partition is ds_tensor
