@@ -105,7 +105,6 @@ def normscale_m(evaluator: ModelEvaluator, dtype: torch.dtype) -> tuple[float, d
     return time.perf_counter() - start, out
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--D", type=int, default=4096, help="number of training tasks")

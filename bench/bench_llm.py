@@ -454,6 +454,5 @@ def main() -> None:
         write_section(Path(args.markdown), SECTION, text)
 
 
-
 if __name__ == "__main__":
     main()

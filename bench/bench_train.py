@@ -12,7 +12,8 @@ path, trained for --steps steps by:
                    that normscale's training process applies to itself (normscale.dist.accel.keep_freed_memory),
                    given through the environment
   bare step        the ceiling for any loop: each model's forward, loss, backward, clipping and AdamW step called by
-                   hand in a bare `for` loop over the same batches (no logging, no progress bar, no checks)
+                   hand in a bare `for` loop over the same batches (no logging, no progress bar, no checks), under
+                   normscale's malloc settings
 Each configuration runs in its own process, --rounds times in alternating order (the median is shown).
 Steady state: steps per second over all steps after the first --window (warm-up), from train_metrics.jsonl's
 seconds_per_step for normscale and from a callback's time stamps at each step's end for the Trainer (the same
@@ -41,15 +42,14 @@ sys.path.insert(0, str(ROOT))
 from normscale.cli import CONF_DIR, to_config  # noqa: E402
 from normscale.config import run_name  # noqa: E402
 from normscale.data import ShardReader, prepare_data  # noqa: E402
-from normscale.dist.accel import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD, MALLOC_SETTINGS  # noqa: E402
+from normscale.dist.accel import MALLOC_SETTINGS  # noqa: E402
 from normscale.model import build_model  # noqa: E402
 
 # The Trainer's speed options that work on this CPU: no per-step NaN/inf check of the loss, torch.compile.
 # Already on by default here: fused AdamW (optim=adamw_torch_fused), pin_memory off (use_cpu=True). Tried and left
 # out: dataloader_num_workers >= 1 (slower on 2 cores: the worker competes with the step's threads), bf16 (not fp32).
 TRAINER_OPTIONS = {"untuned": {}, "tuned": {"logging_nan_inf_filter": False, "torch_compile": True}}
-MALLOC_ENV = {f"MALLOC_{name}_": str(MALLOC_SETTINGS[option]) for name, option in
-              (("MMAP_THRESHOLD", M_MMAP_THRESHOLD), ("TRIM_THRESHOLD", M_TRIM_THRESHOLD), ("TOP_PAD", M_TOP_PAD))}
+MALLOC_ENV = {f"MALLOC_{name}_": str(value) for name, (_, value) in MALLOC_SETTINGS.items()}
 NORMSCALE_RUNS = (["model=transformer"], ["model=hf_gpt_neox"], ["model=transformer", "training_kwargs.compile=true"])
 
 
@@ -87,9 +87,10 @@ def trainer_label(option: str, malloc: bool = False) -> str:
     return f"Trainer, {options}" + (", normscale's malloc settings" if malloc else "")
 
 
-def trainer_rate(cache_dir: Path, option: str, steps: int, window: int, malloc: bool = False) -> float:
-    out = run([sys.executable, __file__, "--trainer", option, "--cache-dir", str(cache_dir), "--steps", str(steps),
-               "--window", str(window)], env=MALLOC_ENV if malloc else None)
+def child_rate(cache_dir: Path, steps: int, window: int, *mode: str, env: dict | None = None) -> float:
+    """steps/s of this script run as a child process in `mode` (--trainer OPTION or --bare MODEL)."""
+    out = run([sys.executable, __file__, *mode, "--cache-dir", str(cache_dir), "--steps", str(steps),
+               "--window", str(window)], env=env)
     return float(out.strip().splitlines()[-1])
 
 
@@ -124,21 +125,17 @@ def run_bare(cache_dir: Path, model_name: str, steps: int, window: int) -> float
     reader = ShardReader(prepare_data(config).plan.directory, config.setting, device=device)
     for step in range(steps):
         if step == window:
-            torch.cuda.synchronize() if device == "cuda" else None
+            if device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
         batch = reader.batch(step)
         sequence_losses(config.setting, model(batch), batch).mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.synchronize()
     return (steps - window) / (time.perf_counter() - start)
-
-
-def bare_rate(cache_dir: Path, model_name: str, steps: int, window: int) -> float:
-    out = run([sys.executable, __file__, "--bare", model_name, "--cache-dir", str(cache_dir), "--steps", str(steps),
-               "--window", str(window)])
-    return float(out.strip().splitlines()[-1])
 
 
 def run_trainer(cache_dir: Path, option: str, steps: int, window: int) -> float:
@@ -191,14 +188,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(tmp)
         prepare_data(compose(normscale_overrides(cache_dir, args.steps, args.window)))
-        configs = {trainer_label(o): partial(trainer_rate, cache_dir, o, args.steps, args.window)
-                   for o in TRAINER_OPTIONS}
-        configs[trainer_label("untuned", malloc=True)] = partial(trainer_rate, cache_dir, "untuned", args.steps,
-                                                                 args.window, malloc=True)
+
+        def child(*mode: str, env: dict | None = None):
+            return partial(child_rate, cache_dir, args.steps, args.window, *mode, env=env)
+
+        configs = {trainer_label(o): child("--trainer", o) for o in TRAINER_OPTIONS}
+        configs[trainer_label("untuned", malloc=True)] = child("--trainer", "untuned", env=MALLOC_ENV)
         configs |= {f"normscale, {' '.join(extra)}": partial(normscale_rate, cache_dir, extra, args.steps, args.window)
                     for extra in NORMSCALE_RUNS}
-        configs |= {f"bare step, model={m}": partial(bare_rate, cache_dir, m, args.steps, args.window)
-                    for m in ("transformer", "hf_gpt_neox")}
+        configs |= {f"bare step, model={m}": child("--bare", m) for m in ("transformer", "hf_gpt_neox")}
         rates = {name: [] for name in configs}
         for r in range(args.rounds):  # alternate the order, so that drift in the machine's load hits all alike
             for name in (configs if r % 2 == 0 else reversed(configs)):

@@ -243,7 +243,6 @@ def test_bad_model_kwargs_fail_before_training(tmp_path):
     assert not tmp_path.exists() or not list(tmp_path.rglob("checkpoint-*"))
 
 
-
 def test_wandb_runs_offline_without_a_key_and_a_resumed_run_continues_the_same_run(tmp_path, monkeypatch):
     from conftest import compose_config
     from normscale.train import init_wandb
@@ -308,7 +307,6 @@ def test_data_over_budget_fails_before_a_run_directory_exists(tmp_path):
                         "logging.wandb=false", env={"CACHE_DIR": str(tmp_path)})
     assert result.returncode == 2 and "data_kwargs.source=generate" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "experiments/linear_regression/big/runs").exists()
-
 
 
 FAULTS = """

@@ -24,22 +24,22 @@ from normscale.config import Config, NormscaleError
 from normscale.dist import process_info
 
 PRECISION = {"fp32": "no", "bf16": "bf16"}
-# glibc mallopt options and normscale's values: blocks up to 32 MiB come from the heap, which keeps up to 1 GiB free
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-MALLOC_SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 64 << 20}
+# glibc malloc parameters, name: (mallopt option, normscale's value); the environment variable is MALLOC_<name>_.
+# Blocks up to 32 MiB come from the heap, which keeps up to 1 GiB free for reuse.
+MALLOC_SETTINGS = {"MMAP_THRESHOLD": (-3, 32 << 20), "TRIM_THRESHOLD": (-1, 1 << 30), "TOP_PAD": (-2, 64 << 20)}
 
 
 def keep_freed_memory() -> None:
     """Make glibc's malloc keep freed memory for reuse (nothing to do under other C libraries). By default it hands
     large freed blocks back to the OS, so every step faults its activations in again, page by page: thousands of
-    page faults a step for the canonical model on CPU (bench/bench_train.py). Environment equivalent, for any
-    process: MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864."""
+    page faults a step for the canonical model on CPU (bench/bench_train.py). Any process gets the same from the
+    environment variables MALLOC_<name>_=<value> of MALLOC_SETTINGS."""
     if platform.libc_ver()[0] != "glibc":
         return
     libc = ctypes.CDLL(None)
-    for option, value in MALLOC_SETTINGS.items():
+    for name, (option, value) in MALLOC_SETTINGS.items():
         if libc.mallopt(option, value) != 1:
-            raise RuntimeError(f"glibc's mallopt({option}, {value}) failed")
+            raise RuntimeError(f"glibc's mallopt(M_{name}, {value}) failed")
 
 
 def make_accelerator(config: Config) -> Accelerator:
