@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from normscale.cli import CONF_DIR, to_config  # noqa: E402
-from normscale.config import run_name  # noqa: E402
+from normscale.layout import run_name  # noqa: E402
 from normscale.data import ShardReader, prepare_data  # noqa: E402
 from normscale.dist.accel import MALLOC_SETTINGS  # noqa: E402
 from normscale.model import build_model  # noqa: E402

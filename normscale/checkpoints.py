@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
-from normscale.config import Config
-from normscale.fileio import atomic_path, write_json
+from normscale.config import Config, FaultError
+from normscale.fileio import atomic_path, disk_full_guard, sha256_bytes, write_json
 
 CONFIG_FILE = "config_resolved.yaml"
+WEIGHTS = "model.safetensors"
 RESUME_LINK = "resume"
 TRAIN_METRICS, EVAL_METRICS = "train_metrics.jsonl", "eval_metrics.jsonl"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -53,23 +55,53 @@ def read_config(run_dir: Path) -> Config:
 
 
 def write_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write checkpoint-<step>/ (weights + meta.json) under a temporary name, then rename it into place."""
+    """Write checkpoint-<step>/ (weights + meta.json with their size and sha256) under a temporary name, then rename
+    it into place."""
     final = checkpoint_dir(run_dir, step)
     staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, staging / "model.safetensors")
-    write_json(staging / "meta.json", meta)
+    with disk_full_guard(final, "the checkpoints already written"):
+        weights = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+        (staging / WEIGHTS).write_bytes(weights)
+        write_json(staging / "meta.json", {**meta, "files": {WEIGHTS: {"bytes": len(weights), "sha256": sha256_bytes(weights)}}})
     if final.exists():  # rewritten after a resume: same step, same weights
         shutil.rmtree(final)
     os.replace(staging, final)
     return final
 
 
+class CheckpointError(FaultError):
+    """A checkpoint that is incomplete or whose files differ from the hashes recorded when it was written."""
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    meta_path = Path(path) / "meta.json"
+    try:
+        return json.loads(meta_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint {path} is damaged: meta.json is missing or unreadable ({error}); "
+                              "delete the directory (a resumed run writes it again at its step)") from None
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, meta) of a checkpoint directory, in one process, on CPU."""
+    """(state_dict, meta) of a checkpoint directory, in one process, on CPU; the weights are checked against the size
+    and sha256 in meta.json (checkpoints written before normscale recorded them are loaded unchecked)."""
     path = Path(path)
-    return load_file(path / "model.safetensors"), json.loads((path / "meta.json").read_text())
+    meta = read_checkpoint_meta(path)
+    weights_path = path / WEIGHTS
+    if not weights_path.exists():
+        raise CheckpointError(f"checkpoint {path} is damaged: {WEIGHTS} is missing; delete the directory")
+    weights = weights_path.read_bytes()
+    recorded = meta.get("files", {}).get(WEIGHTS)
+    if recorded and (len(weights) != recorded["bytes"] or sha256_bytes(weights) != recorded["sha256"]):
+        raise CheckpointError(f"checkpoint {path} is damaged: {WEIGHTS} has {len(weights)} bytes and another sha256 "
+                              f"than recorded ({recorded['bytes']} bytes); delete the directory")
+    try:
+        return load(weights), meta
+    except SafetensorError as error:
+        raise CheckpointError(f"checkpoint {path} is damaged: {WEIGHTS} does not load ({error}); "
+                              "delete the directory") from None
 
 
 def resume_step(run_dir: Path) -> int | None:

@@ -5,11 +5,13 @@ Bad overrides are rejected before Hydra composes anything, with one line naming 
 """
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from normscale.config import Config, ConfigError, NormscaleError, resolve_cache_dir, schema_keys
+from normscale.config import (Config, ConfigError, NormscaleError, RunHeldError, resolve_cache_dir,
+                              schema_keys)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SITE_ENV = CONF_DIR.parent / "slurm" / "site.env"
@@ -76,7 +78,8 @@ def load_env() -> None:
 
 def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
     """Run `entry(config)` under Hydra (single run or `-m` sweep), or `entry(config, overrides)` with the job's
-    command-line overrides (they name run directories); a NormscaleError exits 2 with one line."""
+    command-line overrides (they name run directories). A NormscaleError exits with its code and one line; in a
+    `-m` sweep a run held by another process is skipped with its line, and the sweep ends with 75 and the list."""
     import hydra
 
     load_env()
@@ -84,17 +87,36 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
         check_overrides(sys.argv[1:])
     except ConfigError as error:
         fail(str(error))
+    held: list[str] = []
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _main(cfg) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_config = HydraConfig.get()
         try:
             config = to_config(cfg)
             print(f"normscale: CACHE_DIR={config.cache_dir}", flush=True)
             if with_overrides:
-                from hydra.core.hydra_config import HydraConfig
-                return entry(config, list(HydraConfig.get().overrides.task))
+                return entry(config, list(hydra_config.overrides.task))
             return entry(config)
+        except RunHeldError as error:
+            if hydra_config.mode != RunMode.MULTIRUN:
+                fail(str(error), error.exit_code)
+            print(f"normscale: skipped: {error}", file=sys.stderr, flush=True)
+            held.append(" ".join(hydra_config.overrides.task))
         except NormscaleError as error:
-            fail(str(error))
+            fail(str(error), error.exit_code)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            fail(f"no space left on the device ({error.filename or 'while writing'}): files are written atomically, "
+                 "so finished ones are kept and nothing is half-written; free space and run the same command again", 1)
+        except KeyboardInterrupt:
+            fail("interrupted (Ctrl-C) before training started; nothing of this command was kept half-written", 130)
 
     _main()
+    if held:
+        fail(f"{len(held)} sweep point(s) skipped because another process holds them: " + "; ".join(held),
+             RunHeldError.exit_code)

@@ -46,10 +46,10 @@ import numpy as np
 import torch
 
 from normscale.checkpoints import CHECKPOINT_PATTERN, CONFIG_FILE, read_config
-from normscale.config import (RUN_NAME_EXCLUDED_KEYS, RUN_NAME_EXCLUDED_PREFIXES, Config, NormscaleError,
-                              resolve_cache_dir)
+from normscale.config import Config, NormscaleError, resolve_cache_dir
 from normscale.eval import METRICS_FILES, load_metrics
 from normscale.fileio import atomic_path, file_lock
+from normscale.layout import is_sweep_parameter
 
 SCHEMA, FORMAT = "normscale.metrics", 1
 COLLATED_FILE = "metrics.h5"
@@ -217,7 +217,7 @@ def sweep_parameters(overrides_per_run: list[list[str]]) -> list[str]:
     for overrides in overrides_per_run:
         for override in overrides:
             key = override.lstrip("+~").partition("=")[0]
-            if key == "seed" or (key not in RUN_NAME_EXCLUDED_KEYS and not key.startswith(RUN_NAME_EXCLUDED_PREFIXES)):
+            if is_sweep_parameter(key):
                 keys.add(key)
     return sorted(keys)
 

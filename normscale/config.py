@@ -31,11 +31,39 @@ EVAL_MODES = ("standard", "single_task")
 
 
 class NormscaleError(Exception):
-    """An error whose message names the problem and the fix; entry points print it as one line and exit 2."""
+    """An error whose message names the problem and the fix; entry points print it as one line and exit with
+    `exit_code` (docs/RELIABILITY.md): 2 bad input (nothing written), 1 a fault met while running, 3 the run
+    failed (non-finite loss), 75 another process holds the run, 130 interrupted."""
+
+    exit_code = 2
 
 
 class ConfigError(NormscaleError, ValueError):
     """A configuration value or key that cannot be used; the message names the key and the fix."""
+
+
+class FaultError(NormscaleError):
+    """A fault met while running (a damaged file found mid-way, a full disk): what was kept is named."""
+
+    exit_code = 1
+
+
+class RunFailedError(NormscaleError):
+    """The run diverged (non-finite loss); it is recorded as failed in its directory."""
+
+    exit_code = 3
+
+
+class RunHeldError(NormscaleError):
+    """Another live process holds the run's lock."""
+
+    exit_code = 75
+
+
+class InterruptedRunError(NormscaleError):
+    """Ctrl-C: the resume state was saved."""
+
+    exit_code = 130
 
 
 def _choice(key: str, value, allowed: tuple) -> None:
@@ -284,29 +312,6 @@ def checkpoint_schedule(schedule: str, max_steps: int, num_checkpoints: int = 10
     return sorted(set(steps + [T]))
 
 
-# Overrides that do not define a run: where it lives, how it is evaluated or logged (DESIGN: run directories).
-RUN_NAME_EXCLUDED_KEYS = ("name", "experiment", "overwrite", "cache_dir", "setting", "seed")
-RUN_NAME_EXCLUDED_PREFIXES = ("eval_kwargs.", "logging.", "hydra.", "hydra/")
-RUN_NAME_MAX = 200  # file names may have 255 bytes
-
-
-def run_name(overrides: list[str], seed: int) -> str:
-    """The run directory's name from the command line's overrides: sorted key=value pairs that define the run
-    (the last value of a repeated key, as Hydra takes it), unsafe characters replaced, a long list shortened with a
-    hash of the whole, and the seed always last."""
-    values = {}
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        if key not in RUN_NAME_EXCLUDED_KEYS and not key.startswith(RUN_NAME_EXCLUDED_PREFIXES):
-            values[key] = value
-    pairs = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(f"{k}={v}" for k, v in sorted(values.items())))
-    seed_part = f"seed={seed}"
-    if len(pairs) + len(seed_part) + 1 > RUN_NAME_MAX:
-        digest = hashlib.sha256(pairs.encode()).hexdigest()[:16]
-        pairs = f"{pairs[:RUN_NAME_MAX - len(seed_part) - 18]}-{digest}"
-    return f"{pairs},{seed_part}" if pairs else seed_part
-
-
 def schema_keys(schema: type = Config, prefix: str = "") -> list[str]:
     """Every dotted key a schema accepts (sections expanded), for error messages and override checks."""
     keys = []
@@ -341,6 +346,8 @@ def _coerce(annotation, value, key: str):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
     if annotation is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)  # 1e5 from YAML
     if not isinstance(value, annotation) or (annotation is not bool and isinstance(value, bool)):

@@ -31,8 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from normscale.config import Config, NormscaleError, run_name
+from normscale.config import Config, NormscaleError
 from normscale.fileio import write_json
+from normscale.layout import run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_SCRIPT = ROOT / "slurm" / "sweep.sh"

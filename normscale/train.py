@@ -21,10 +21,11 @@ import torch
 import normscale
 from normscale.checkpoints import (EVAL_METRICS, TRAIN_METRICS, append_jsonl, resume_step, truncate_metrics,
                                    write_config)
-from normscale.config import Config, run_name
+from normscale.config import Config
 from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
 from normscale.data.seeds import stream_seed
 from normscale.data.store import check_budget, rank_rows, to_torch
+from normscale.layout import run_name
 from normscale.dist.accel import (check_replicas_identical, finish_process, keep_freed_memory, load_resume,
                                   make_accelerator, prepare, save_checkpoint, save_resume)
 from normscale.metrics import sequence_losses, task_metrics

@@ -13,7 +13,8 @@ import torch
 
 from conftest import ROOT, run_module
 from normscale.checkpoints import list_checkpoints, load_checkpoint, read_config, read_jsonl, resume_step
-from normscale.config import checkpoint_schedule, run_name
+from normscale.config import checkpoint_schedule
+from normscale.layout import run_name
 from normscale.data import load_eval_splits, load_task_pools, task_prior_weights
 from normscale.data.store import to_torch
 from normscale.metrics import sequence_losses
