@@ -7,6 +7,15 @@ re-evaluated one replaces its group. Idempotent: collating twice gives the same 
 metrics file yet is skipped and picked up by a later pass (metrics files are written atomically, so a file is
 complete or absent). The new file is written beside the old one and renamed over it, under a lock.
 
+Verified: a metrics file is read with normscale.eval.load_metrics (its zip members checked against their CRC-32,
+then torch.load). A file that does not load, or whose identity_hash differs from the identity of the
+config_resolved.yaml beside it (files written before normscale recorded it are not compared), is named in one line
+on stderr ("normscale: skipped: ...") and not collated; the rest are, and the command then ends with exit code 1 and
+the list (`load_eval_results` warns instead, and returns what was collated). metrics.h5 keeps an earlier collated
+version of such a file, if any; the file is tried again on every pass until normscale.eval has evaluated it again.
+When the collated rows of one mode were made with different eval settings (normscale.eval.eval_settings), collate
+says so in one line naming the settings and how many files have each value.
+
 Schema (plain h5py reads it; strings are UTF-8, configs JSON):
 
   /                                 attrs: schema "normscale.metrics", format 1, setting, experiment
@@ -16,7 +25,9 @@ Schema (plain h5py reads it; strings are UTF-8, configs JSON):
   /runs/<run>/<entry>/              entry "step-00000200" (a checkpoint) or "final" (a single-shot model)
                                     attrs: step (-1 for "final"), sequences_seen, tokens_seen (-1 when unknown)
   /runs/<run>/<entry>/<mode>/       mode "standard" | "single_task"; attrs: source (metrics file path under the
-                                    experiment), source_bytes, source_mtime_ns, eval_kwargs (JSON), eval_hashes (JSON)
+                                    experiment), source_bytes, source_mtime_ns, eval_kwargs (JSON), eval_hashes (JSON),
+                                    identity_hash (of the run that made it; "" when the file predates it),
+                                    code_version and provenance (JSON; "" and "{}" when the file predates them)
       <split>/                      attrs: every scalar metric (loss, task metric, d_M, d_G, d_MG, r, w_M,
                                     interp_distance), num_sequences
       <split>/per_position/<name>   float32 (P,)
@@ -27,9 +38,13 @@ Schema (plain h5py reads it; strings are UTF-8, configs JSON):
   root attrs also: sweep_parameters (JSON list of the config keys the trained runs' command lines set);
   /runs/<run>/ attrs also: sweep_values (JSON {parameter: value}, read from the run's config)
   /table/<column>                   a flat table, one row per (run, entry, mode, split), as equal-length 1-D columns:
-                                    run, model, kind, data_dir, step, sequences_seen, mode, split (strings / int64),
+                                    run, model, kind, data_dir, step, sequences_seen, mode, split, identity_hash,
+                                    code_version (strings / int64; "" where the metrics file predates them),
                                     metric.<name> (float64, NaN where a row lacks it), sweep.<parameter>
-                                    (numbers as float64 or int64, anything else as a string, JSON for lists)
+                                    (numbers as float64 or int64, anything else as a string, JSON for lists),
+                                    eval.<key> for every eval_kwargs key but `run` (the settings the row was evaluated
+                                    with, a key missing from an older file at its default; integers int64, booleans
+                                    "true"/"false", null as "null")
   pandas without normscale:
       f = h5py.File(path); pd.DataFrame({k: c.asstr()[()] if c.dtype.kind == "O" else c[()]
                                          for k, c in f["table"].items()})
@@ -37,8 +52,12 @@ Schema (plain h5py reads it; strings are UTF-8, configs JSON):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
+import sys
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import h5py
@@ -46,15 +65,19 @@ import numpy as np
 import torch
 
 from normscale.checkpoints import CHECKPOINT_PATTERN, CONFIG_FILE, read_config
-from normscale.config import Config, NormscaleError, resolve_cache_dir
-from normscale.eval import METRICS_FILES, load_metrics
+from normscale.config import Config, EvalConfig, FaultError, NormscaleError, resolve_cache_dir
+from normscale.eval import METRICS_FILES, MetricsError, eval_settings, load_metrics
 from normscale.fileio import atomic_path, file_lock
-from normscale.layout import is_sweep_parameter
+from normscale.layout import identity_hash, is_sweep_parameter
 
 SCHEMA, FORMAT = "normscale.metrics", 1
 COLLATED_FILE = "metrics.h5"
 MODE_OF_FILE = {name: mode for mode, name in METRICS_FILES.items()}
 SINGLE_SHOT_MODELS = ("bayes", "llm")  # no checkpoints; rows with checkpoint None
+
+
+class SkippedMetricsError(FaultError):
+    """Some metrics files could not be collated (each named on its own line); the others were."""
 
 
 def metrics_files(experiment_dir: Path) -> list[tuple[str, str, str, Path]]:
@@ -83,11 +106,13 @@ def read_overrides(run_dir: Path) -> list[str]:
 
 
 def collate(config: Config) -> Path:
-    """Add what is new in the experiment to its metrics.h5; returns its path."""
+    """Add what is new in the experiment to its metrics.h5; returns its path. Raises SkippedMetricsError (after
+    collating the rest) when some metrics files could not be used."""
     experiment_dir = config.experiment_dir
     target = experiment_dir / COLLATED_FILE
     if not (experiment_dir / "runs").exists():
         raise NormscaleError(f"nothing to collate: {experiment_dir / 'runs'} does not exist; train and evaluate first")
+    skipped: list[str] = []
     with file_lock(experiment_dir / f".{COLLATED_FILE}.lock"):
         found = metrics_files(experiment_dir)
         current = {}
@@ -98,32 +123,66 @@ def collate(config: Config) -> Path:
                            if (g := f.get(f"runs/{group_name(run)}/{entry}/{mode}")) is not None}
         new = [(run, entry, mode, path) for run, entry, mode, path in found
                if current.get((run, entry, mode)) != (path.stat().st_size, path.stat().st_mtime_ns)]
+        usable = verified_metrics(experiment_dir, new, skipped)
+        first = next(usable, None)
         if not new:
             print(f"normscale: {target} is up to date ({len(found)} metrics files)")
-            return target
-        with atomic_path(target) as tmp:
-            if target.exists():
-                shutil.copyfile(target, tmp)
-            with h5py.File(tmp, "a") as f:
-                f.attrs.update({"schema": SCHEMA, "format": FORMAT, "setting": config.setting,
-                                "experiment": config.name})
-                for run, entry, mode, path in new:
-                    add_metrics(f, experiment_dir, run, entry, mode, path)
-                write_sweep_parameters(f)
-                write_table(f)
-        print(f"normscale: collated {len(new)} new metrics file(s) of {len(found)} into {target}")
+        elif first is None:
+            print(f"normscale: {target} is unchanged: none of the {len(new)} new metrics file(s) could be used")
+        else:
+            added = 0
+            with atomic_path(target) as tmp:
+                if target.exists():
+                    shutil.copyfile(target, tmp)
+                with h5py.File(tmp, "a") as f:
+                    f.attrs.update({"schema": SCHEMA, "format": FORMAT, "setting": config.setting,
+                                    "experiment": config.name})
+                    for item in itertools.chain([first], usable):
+                        add_metrics(f, experiment_dir, *item)
+                        added += 1
+                    write_sweep_parameters(f)
+                    write_table(f)
+            print(f"normscale: collated {added} new metrics file(s) of {len(found)} into {target}")
+        if target.exists() and (mixed := mixed_eval_settings(target)):
+            print(f"normscale: {config.name} mixes eval settings in {target.name}: {mixed}; rows evaluated "
+                  "differently may not compare (evaluate again with one set of eval_kwargs and overwrite=true)")
+    if skipped:
+        rest = f"the rest is collated in {target}" if target.exists() else f"{target} was not written"
+        raise SkippedMetricsError(f"{len(skipped)} metrics file(s) of {experiment_dir} were skipped, each named above: "
+                                  f"{', '.join(skipped)}; {rest}")
     return target
+
+
+def verified_metrics(experiment_dir: Path, new: list[tuple[str, str, str, Path]], skipped: list[str]):
+    """(run, entry, mode, path, metrics, run config) of each new metrics file that loads and belongs to its run's
+    saved identity, one at a time; each other file is named in one line on stderr and appended to `skipped`."""
+    configs = {}
+    for run, entry, mode, path in new:
+        run_dir = experiment_dir / "runs" / run
+        if run not in configs:
+            configs[run] = read_config(run_dir)
+        try:
+            metrics = load_metrics(path)
+            made_for, identity = metrics.get("identity_hash"), identity_hash(configs[run])
+            if made_for is not None and made_for != identity:
+                raise MetricsError(f"{path} was evaluated for another run identity ({made_for}) than "
+                                   f"{run_dir / CONFIG_FILE} describes ({identity})")
+        except MetricsError as error:
+            print(f"normscale: skipped: {error}; python -m normscale.eval evaluates it again", file=sys.stderr,
+                  flush=True)
+            skipped.append(path.relative_to(experiment_dir).as_posix())
+            continue
+        yield run, entry, mode, path, metrics, configs[run]
 
 
 def group_name(run: str) -> str:
     return run.replace("/", ":")
 
 
-def add_metrics(f: h5py.File, experiment_dir: Path, run: str, entry: str, mode: str, path: Path) -> None:
-    metrics = load_metrics(path)
+def add_metrics(f: h5py.File, experiment_dir: Path, run: str, entry: str, mode: str, path: Path, metrics: dict,
+                run_config: Config) -> None:
     run_dir = experiment_dir / "runs" / run
     run_group = f.require_group(f"runs/{group_name(run)}")
-    run_config = read_config(run_dir)
     run_group.attrs.update({"run": run, "model": metrics["model"], "kind": metrics["kind"] or "",
                             "data_dir": metrics["data_dir"], "data_key": metrics["data_key"],
                             "config": json.dumps(dataclasses.asdict(run_config), sort_keys=True),
@@ -139,7 +198,10 @@ def add_metrics(f: h5py.File, experiment_dir: Path, run: str, entry: str, mode: 
     stat = path.stat()
     group.attrs.update({"source": path.relative_to(experiment_dir).as_posix(), "source_bytes": stat.st_size,
                         "source_mtime_ns": stat.st_mtime_ns, "eval_kwargs": json.dumps(metrics["eval_kwargs"], sort_keys=True),
-                        "eval_hashes": json.dumps(metrics["eval_hashes"], sort_keys=True)})
+                        "eval_hashes": json.dumps(metrics["eval_hashes"], sort_keys=True),
+                        "identity_hash": metrics.get("identity_hash") or "",
+                        "code_version": (metrics.get("provenance") or {}).get("code_version", ""),
+                        "provenance": json.dumps(metrics.get("provenance") or {}, sort_keys=True)})
     for split, summary in metrics["splits"].items():
         split_group = group.create_group(split)
         split_group.attrs.update({**summary["scalars"], "num_sequences": summary["num_sequences"]})
@@ -184,8 +246,11 @@ def write_table(f: h5py.File) -> None:
                                  "kind": run_group.attrs["kind"], "data_dir": run_group.attrs["data_dir"],
                                  "step": int(entry_group.attrs["step"]),
                                  "sequences_seen": int(entry_group.attrs["sequences_seen"]), "mode": mode,
-                                 "split": split, **{f"metric.{k}": float(v) for k, v in split_group.attrs.items()},
-                                 **{f"sweep.{p}": values[p] for p in parameters}})
+                                 "split": split, "identity_hash": mode_group.attrs.get("identity_hash", ""),
+                                 "code_version": mode_group.attrs.get("code_version", ""),
+                                 **{f"metric.{k}": float(v) for k, v in split_group.attrs.items()},
+                                 **{f"sweep.{p}": values[p] for p in parameters},
+                                 **{f"eval.{k}": v for k, v in recorded_eval_kwargs(mode_group).items()}})
     if "table" in f:
         del f["table"]
     table = f.create_group("table")
@@ -199,6 +264,30 @@ def write_table(f: h5py.File) -> None:
         else:
             strings = [v if isinstance(v, str) else json.dumps(v) for v in values]
             table.create_dataset(column, data=strings, dtype=h5py.string_dtype(), track_times=False)
+
+
+def recorded_eval_kwargs(mode_group: h5py.Group) -> dict:
+    """The eval_kwargs a collated metrics file was made with, read through the schema (a key missing from an
+    older file at its default), without `run` (it only selected the runs)."""
+    recorded = {**dataclasses.asdict(EvalConfig()), **json.loads(mode_group.attrs["eval_kwargs"])}
+    recorded.pop("run", None)
+    return recorded
+
+
+def mixed_eval_settings(path: Path) -> str | None:
+    """The eval settings that differ between the collated files of one mode, with how many files have each value
+    ("standard mode: eval_kwargs.num_eval_batches 4 (10 files), 2 (2 files)"), or None when every mode is uniform."""
+    counts: dict[tuple[str, str], Counter] = {}
+    with h5py.File(path, "r") as f:
+        for run_group in f["runs"].values():
+            for entry_group in run_group.values():
+                for mode, mode_group in entry_group.items():
+                    settings = eval_settings(json.loads(mode_group.attrs["eval_kwargs"]), run_group.attrs["model"])
+                    for key, value in settings.items():
+                        counts.setdefault((mode, key), Counter())[json.dumps(value)] += 1
+    mixed = [f"{mode} mode: eval_kwargs.{key} " + ", ".join(f"{v} ({n} files)" for v, n in counter.most_common())
+             for (mode, key), counter in sorted(counts.items()) if len(counter) > 1]
+    return "; ".join(mixed) or None
 
 
 def _dataset(group: h5py.Group, name: str, values) -> None:
@@ -290,11 +379,17 @@ def load_eval_results(setting: str, experiment_name: str, cache_dir: str | None 
                       with_arrays: bool = False):
     """The predecessor's notebook API: a DataFrame with columns config, metrics, checkpoint (None for Bayes and
     LLM rows) and one per sweep parameter (plus run, model, kind, h5_group). With `update` (the default), what was
-    evaluated since the last collation is collated first."""
+    evaluated since the last collation is collated first; metrics files that cannot be used are named on stderr and
+    in a warning, and the frame holds the rest."""
     config = Config(setting=setting, name=experiment_name, cache_dir=str(resolve_cache_dir(cache_dir)))
     path = config.experiment_dir / COLLATED_FILE
     if update:
-        collate(config)
+        try:
+            collate(config)
+        except SkippedMetricsError as error:  # a notebook still gets what could be collated, with a warning
+            if not path.exists():
+                raise
+            warnings.warn(f"normscale: {error}", stacklevel=2)
     elif not path.exists():
         raise NormscaleError(f"{path} does not exist: run `python -m normscale.collate setting={setting} "
                              f"name={experiment_name}`, or call with update=True")

@@ -13,7 +13,10 @@ sequences, compared with M and G on exactly those sequences (SPEC C). Results go
 (`metrics-single_task.pt` in single_task mode), written atomically, loadable with torch.load(..., weights_only=True):
 
   format, setting, model, kind, run, step (None for single-shot models), mode, data_dir, data_key, eval_kwargs,
-  checkpoint_meta (step, sequences and tokens seen), eval_hashes {split: content hash},
+  identity_hash (the run's identity, normscale.layout.identity_hash of its config_resolved.yaml; for a Bayes
+  predictor or an LLM that of the dataset config it was scored with), provenance {code_version, libraries}
+  (normscale.provenance: what made the file), checkpoint_meta (step, sequences and tokens seen),
+  eval_hashes {split: content hash},
   splits: {split: {scalars {name: float}, per_position {name: (P,) float32}, num_sequences,
                    batches_by_rank {rank: [batch indices]}, fit_predictions (fit_size, ...) float16,
                    [per_task {task_ids, name: (D,)}  (single_task mode)]}},
@@ -22,29 +25,53 @@ sequences, compared with M and G on exactly those sequences (SPEC C). Results go
 
 Scalars: loss and the task metric (urns nll `loss` and `kl`; regression `loss` = MSE and `mse_per_dim`;
 classification `loss` = CE and `accuracy`), d_M, d_G, d_MG, r, w_M, interp_distance (normscale.metrics.summarize).
-Existing results are skipped unless overwrite=true.
+
+Verified inputs. A checkpoint's weights are checked against the sizes and sha256 in its meta.json when loaded
+(normscale.checkpoints), and a checkpoint must belong to its run: one whose meta.json identity_hash differs from the
+identity of the run's config_resolved.yaml is not evaluated (checkpoints written before normscale recorded it are).
+A checkpoint that fails either check is named in one line on stderr ("normscale: skipped: ...") and skipped; the
+other checkpoints are evaluated, and the command then ends with exit code 1 and the list of skipped checkpoints.
+
+What counts as done. An existing metrics file is done when it loads (`load_metrics`: every member of its zip archive
+matches the CRC-32 torch recorded when writing it, then torch.load) and was made with the same eval settings
+(`eval_settings`: eval_kwargs without `run`, which only selects, and without the keys its mode and model do not read:
+sequences_per_task outside single_task mode, num_eval_batches in it, strategy_loss_sequences except for model=bayes;
+a key missing from an older file counts as its default). Otherwise:
+  no file, or overwrite=true          evaluated
+  the file does not load, or its      evaluated again, with one line naming the file and why; the identity compared
+  identity_hash is not its run's      is that of the config_resolved.yaml beside it (runs/<run>/, runs/bayes-.../...)
+  made with other eval settings       kept, with one line per run (per file for Bayes/LLM) naming the settings that
+                                      differ and saying that overwrite=true re-evaluates them
+  done                                skipped (Bayes/LLM: one line, "... exists; overwrite=true evaluates it again")
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from normscale.checkpoints import CONFIG_FILE, list_checkpoints, load_checkpoint, read_config, write_config
-from normscale.config import Config, NormscaleError
+from normscale.checkpoints import (CONFIG_FILE, CheckpointError, list_checkpoints, load_checkpoint, read_config,
+                                   write_config)
+from normscale.config import Config, EvalConfig, FaultError, NormscaleError
 from normscale.data import load_eval_splits, load_single_task_split, load_task_pools, plan_data, prepare_data
 from normscale.data.dataset import SEQUENCE_TASK_PARAMS, MixtureDataset
 from normscale.data.priors import task_prior_weights
 from normscale.data.store import read_manifest, to_torch
-from normscale.dist.accel import broadcast_from_main, finish_process, gather_indexed, make_accelerator
 from normscale.fileio import atomic_path
+from normscale.layout import identity_hash
 from normscale.metrics import as_predictions, pointwise, summarize
 from normscale.model import TRAINABLE, build_bayes, build_model
+from normscale.provenance import provenance
+
+# normscale.dist (and with it accelerate) is imported where it is used, so that importing this module for its
+# metrics-file helpers (normscale.collate, a notebook) stays light.
 
 FORMAT = 1
 METRICS_FILES = {"standard": "metrics.pt", "single_task": "metrics-single_task.pt"}
@@ -112,7 +139,11 @@ class ModelEvaluator:
             coverage = getattr(model, "coverage", None)
             if b < count:
                 mine[b] = (self.rank, predictions, None if coverage is None else coverage.float().cpu())
-        parts = gather_indexed(self.accelerator, mine) if self.accelerator else mine
+        parts = mine
+        if self.accelerator:
+            from normscale.dist.accel import gather_indexed
+
+            parts = gather_indexed(self.accelerator, mine)
         if sorted(parts) != list(range(count)):
             raise NormscaleError(f"gathered eval batches {sorted(parts)} of {count}: some are missing")
         by_rank = {}
@@ -189,6 +220,8 @@ class ModelEvaluator:
                     "linear_regression": per["loss"] / (2 * config.task_kwargs.sigma2)}[setting]
             means[g] = loss.double().mean().item()
         if self.accelerator:
+            from normscale.dist.accel import gather_indexed
+
             means = gather_indexed(self.accelerator, means)
         group_means = [means[g] for g in range(STRATEGY_LOSS_GROUPS)]
         measure = {"balls_and_urns": "kl", "linear_regression": "squared_error/(2 sigma2)", "classification": "ce"}
@@ -214,8 +247,64 @@ def save_metrics(path: Path, results: dict) -> None:
         torch.save(results, tmp)
 
 
+class MetricsError(FaultError):
+    """A metrics file that does not load: truncated, changed since it was written, or not a metrics file."""
+
+
 def load_metrics(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
+    """A metrics file's contents, verified first: every member of its zip archive against the CRC-32 that torch.save
+    recorded (torch.load alone does not check them, so a flipped byte in a tensor would load silently). Raises
+    MetricsError, one line naming the file, for a file that is missing, truncated, altered or not a metrics dict."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            altered = archive.testzip()
+        metrics = None if altered else torch.load(path, weights_only=True)
+    except Exception as error:  # BadZipFile (truncated), UnpicklingError, RuntimeError, OSError: all "does not load"
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise MetricsError(f"{path} does not load ({type(error).__name__}: {reason})") from None
+    if altered:
+        raise MetricsError(f"{path} does not load: its member {altered} differs from the CRC-32 recorded when it "
+                           "was written")
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("splits"), dict):
+        raise MetricsError(f"{path} does not load: it holds no normscale metrics (no splits)")
+    return metrics
+
+
+def eval_settings(eval_kwargs: dict, model: str | None = None) -> dict:
+    """The eval settings that decide a metrics file's content, as compared between files and commands: eval_kwargs
+    read through the schema (a key missing from an older file counts as its default), without `run` (it only
+    selects runs) and without the keys the mode and model do not read (sequences_per_task outside single_task
+    mode, num_eval_batches in it, strategy_loss_sequences except for model=bayes)."""
+    settings = {**dataclasses.asdict(EvalConfig()), **eval_kwargs}
+    settings.pop("run", None)
+    settings.pop("num_eval_batches" if settings["mode"] == "single_task" else "sequences_per_task", None)
+    if model != "bayes":
+        settings.pop("strategy_loss_sequences", None)
+    return settings
+
+
+def settings_diff(saved: dict, wanted: dict) -> list[str]:
+    """`key saved -> wanted` for every eval setting that differs."""
+    return [f"eval_kwargs.{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(saved.keys() | wanted.keys())
+            if saved.get(k) != wanted.get(k)]
+
+
+def existing_result(path: Path, wanted: dict, model: str, identity: str | None = None) -> tuple[str, str]:
+    """What an existing metrics file is worth to a command that wants `wanted` eval settings (`eval_settings`):
+    ("missing", ""), ("redo", why: it does not load, or it was made for another run identity than `identity`),
+    ("other", the settings that differ) or ("done", "")."""
+    if not Path(path).exists():
+        return "missing", ""
+    try:
+        metrics = load_metrics(path)
+    except MetricsError as error:
+        return "redo", str(error)
+    made_for = metrics.get("identity_hash")
+    if identity is not None and made_for is not None and made_for != identity:
+        return "redo", f"{path} was evaluated for another run identity ({made_for}) than its run's ({identity})"
+    diff = settings_diff(eval_settings(metrics.get("eval_kwargs") or {}, model), wanted)
+    return ("other", ", ".join(diff)) if diff else ("done", "")
 
 
 def trained_runs(config: Config) -> list[Path]:
@@ -244,38 +333,90 @@ def with_eval_kwargs(run_config: Config, config: Config, **changes) -> Config:
 
 
 def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
+    """Every checkpoint of the trained runs that is not done (module docstring), each verified before it is scored;
+    a damaged checkpoint or one of another run identity is named and skipped, and the command then ends with a
+    FaultError (exit 1) listing them."""
+    from normscale.dist.accel import broadcast_from_main
+
     runs = trained_runs(config)
     if not runs:
         raise NormscaleError(f"no trained runs in {config.experiment_dir / 'runs'}: train first "
                              f"(python -m normscale.train name={config.name} ...), or evaluate a Bayes predictor "
                              "with model=bayes")
     filename = METRICS_FILES[config.eval_kwargs.mode]
+    wanted = eval_settings(dataclasses.asdict(config.eval_kwargs), config.model)
+    identities = {run: identity_hash(read_config(run)) for run in runs}
     todo = None
     if accelerator.is_main_process:  # decided once: checkpoints may appear while a run is still training
-        todo = [(run, step) for run in runs for step, path in list_checkpoints(run)
-                if config.overwrite or not (path / filename).exists()]
+        todo = []
+        for run in runs:
+            other, differing = 0, set()
+            for step, path in list_checkpoints(run):
+                status, detail = ("missing", "") if config.overwrite else existing_result(
+                    path / filename, wanted, config.model, identities[run])
+                if status == "redo":
+                    print(f"normscale: {detail}; evaluating it again", flush=True)
+                if status == "other":
+                    other += 1
+                    differing.update(detail.split(", "))
+                elif status != "done":
+                    todo.append((run, step))
+            if other:
+                print(f"normscale: {other} checkpoint(s) of {run.name} were evaluated with other eval settings "
+                      f"({', '.join(sorted(differing))}); kept, overwrite=true re-evaluates them", flush=True)
     todo = broadcast_from_main(accelerator, todo)
     accelerator.print(f"normscale: evaluating {len(todo)} checkpoint(s) of {len(runs)} run(s) "
                       f"({config.eval_kwargs.mode} mode)")
-    evaluator, written = None, []
+    evaluator, written, skipped, run_configs = None, [], [], {}
     for run, step in todo:
-        run_config = with_eval_kwargs(read_config(run), config)
+        if run not in run_configs:
+            run_configs[run] = with_eval_kwargs(read_config(run), config)
+        run_config = run_configs[run]
+        checkpoint = run / f"checkpoint-{step}"
+        loaded, problem = None, None
+        if accelerator.is_main_process:  # verified once; the other ranks follow the main process's verdict
+            try:
+                loaded = verified_checkpoint(checkpoint, identities[run])
+            except CheckpointError as error:
+                problem = str(error)
+        problem = broadcast_from_main(accelerator, problem)
+        if problem:
+            if accelerator.is_main_process:
+                print(f"normscale: skipped: {problem}", file=sys.stderr, flush=True)
+            skipped.append(f"{run.name}/{checkpoint.name}")
+            continue
+        weights, meta = loaded or load_checkpoint(checkpoint)
         if evaluator is None or evaluator.directory != plan_data(run_config).directory:
             evaluator = ModelEvaluator(run_config, accelerator)
-        weights, meta = load_checkpoint(run / f"checkpoint-{step}")
         model = build_model(run_config)
         model.load_state_dict(weights)
         results = evaluator.evaluate(model.to(accelerator.device))
-        path = run / f"checkpoint-{step}" / filename
+        path = checkpoint / filename
         if accelerator.is_main_process:
             save_metrics(path, {**evaluator.header(), "model": run_config.model, "kind": None, "run": run.name,
-                                "step": step, "checkpoint_meta": meta, **results})
+                                "step": step, "identity_hash": identities[run], "provenance": provenance(),
+                                "checkpoint_meta": meta, **results})
             id_split = results["splits"].get("id") or results["splits"]["single_task"]
             accelerator.print(f"normscale: {run.name} step {step}: loss {id_split['scalars']['loss']:.4f}, "
                               f"w_M {id_split['scalars']['w_M']:.3f} -> {path}")
         written.append(path)
     accelerator.wait_for_everyone()
+    if skipped:
+        raise FaultError(f"{len(skipped)} checkpoint(s) of {config.experiment_dir / 'runs'} were skipped, each named "
+                         f"above: {', '.join(skipped)}; the other {len(written)} were evaluated")
     return written
+
+
+def verified_checkpoint(path: Path, identity: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, meta) of a checkpoint whose files match their recorded hashes and whose recorded identity (when it
+    has one: older checkpoints do not) is its run's; raises CheckpointError otherwise."""
+    weights, meta = load_checkpoint(path)
+    recorded = meta.get("identity_hash")
+    if recorded is not None and recorded != identity:
+        raise CheckpointError(f"checkpoint {path} was trained as another run (identity {recorded}) than its run's "
+                              f"{CONFIG_FILE} describes ({identity}); delete the checkpoint, or train the run again "
+                              "with overwrite=true")
+    return weights, meta
 
 
 def experiment_datasets(config: Config, **changes) -> list[tuple[Path, Config]]:
@@ -291,15 +432,31 @@ def experiment_datasets(config: Config, **changes) -> list[tuple[Path, Config]]:
 def evaluate_single_shot(config: Config, accelerator, label: str, kind: str | None, changes: dict,
                          overrides: list[str], score: Callable[[ModelEvaluator], dict]) -> list[Path]:
     """A model without checkpoints (a Bayes predictor, an LLM) on every dataset of the experiment: results in
-    runs/<label>/<dataset>/ with the config used; existing results are kept unless overwrite=true."""
+    runs/<label>/<dataset>/ with the config used; existing results that are done (module docstring) are kept unless
+    overwrite=true."""
+    from normscale.dist.accel import broadcast_from_main
+
     filename = METRICS_FILES[config.eval_kwargs.mode]
-    todo = []
-    for directory, dataset_config in experiment_datasets(config, **changes):
-        out = config.experiment_dir / "runs" / label / directory.name
-        if (out / filename).exists() and not config.overwrite:
-            accelerator.print(f"normscale: {out / filename} exists; overwrite=true evaluates it again")
-        else:
-            todo.append((directory, dataset_config, out))
+    wanted = eval_settings(dataclasses.asdict(config.eval_kwargs), config.model)
+    datasets = [(directory, dataset_config, config.experiment_dir / "runs" / label / directory.name)
+                for directory, dataset_config in experiment_datasets(config, **changes)]
+    chosen = None
+    if accelerator.is_main_process:  # decided once, like the checkpoints
+        chosen = []
+        for i, (_, _, out) in enumerate(datasets):
+            saved = identity_hash(read_config(out)) if (out / CONFIG_FILE).exists() else None
+            status, detail = ("missing", "") if config.overwrite else existing_result(out / filename, wanted,
+                                                                                      config.model, saved)
+            if status == "done":
+                print(f"normscale: {out / filename} exists; overwrite=true evaluates it again", flush=True)
+            elif status == "other":
+                print(f"normscale: {out / filename} was evaluated with other eval settings ({detail}); kept, "
+                      "overwrite=true re-evaluates it", flush=True)
+            else:
+                if status == "redo":
+                    print(f"normscale: {detail}; evaluating it again", flush=True)
+                chosen.append(i)
+    todo = [datasets[i] for i in broadcast_from_main(accelerator, chosen)]
     written = []
     for directory, dataset_config, out in todo:
         if accelerator.is_main_process:
@@ -310,8 +467,9 @@ def evaluate_single_shot(config: Config, accelerator, label: str, kind: str | No
         if accelerator.is_main_process:
             write_config(out, dataset_config, overrides)
             save_metrics(out / filename, {**evaluator.header(), "model": dataset_config.model, "kind": kind,
-                                          "run": f"{label}/{directory.name}", "step": None, "checkpoint_meta": None,
-                                          **results})
+                                          "run": f"{label}/{directory.name}", "step": None,
+                                          "identity_hash": identity_hash(dataset_config), "provenance": provenance(),
+                                          "checkpoint_meta": None, **results})
             summary = ", ".join(f"{split} w_M {r['scalars']['w_M']:.3f}" for split, r in results["splits"].items())
             accelerator.print(f"normscale: {label} on {directory.name}: {summary} -> {out / filename}")
         written.append(out / filename)
@@ -338,6 +496,7 @@ def llm_label(model_path: str) -> str:
 
 def evaluate_llm(config: Config, accelerator) -> list[Path]:
     """A pretrained causal LM on the experiment's urn sequences (SPEC F), loaded once, scored on every dataset."""
+    from normscale.cli import check_llm_path; check_llm_path(config)  # noqa: E702 (first: before any work)
     from normscale.dist.llm import load_llm, parameter_bytes
     from normscale.model.llm import COLOUR_WORDS, LLMScorer
 
@@ -375,6 +534,8 @@ def evaluate_llm(config: Config, accelerator) -> list[Path]:
 
 
 def evaluate(config: Config) -> list[Path]:
+    from normscale.dist.accel import make_accelerator
+
     accelerator = make_accelerator(config)
     if config.model == "bayes":
         return evaluate_bayes(config, accelerator)
@@ -387,6 +548,7 @@ def evaluate(config: Config) -> list[Path]:
 
 def main() -> None:
     from normscale.cli import hydra_main
+    from normscale.dist.accel import finish_process
 
     hydra_main(evaluate)
     finish_process()
