@@ -129,9 +129,10 @@ def test_truncated_or_altered_shards_give_an_error_naming_the_file(cache_dir):
     shard.write_bytes(bytes(altered))
     prepare_data(config)  # sizes match: the quick check passes ...
     with pytest.raises(DataIntegrityError, match=f"{shard} is altered"):
-        prepare_data(config, verify=True)  # ... the full one does not
-    with pytest.raises(DataIntegrityError, match=f"{shard} is altered"):
         ShardReader(directory, "balls_and_urns", read_ahead=False).batch(plan_data(config).steps_per_shard)
+    repaired = prepare_data(config, verify=True)  # ... the full one finds it and regenerates it, byte-identical
+    assert list(repaired.repaired) == ["train/shard-00001.h5"] and "was altered" in repaired.repaired["train/shard-00001.h5"]
+    assert shard.read_bytes() == data
     (directory / "eval.h5").write_bytes(b"x" * 10)
     with pytest.raises(DataIntegrityError, match="eval.h5"):
         load_eval_splits(directory)

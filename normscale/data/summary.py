@@ -1,4 +1,5 @@
-"""`python -m normscale.data`: plan, generate or verify, and summarise an experiment's data."""
+"""`python -m normscale.data`: plan, generate or verify (repairing exactly the damaged files), and summarise an
+experiment's data."""
 from __future__ import annotations
 
 import h5py
@@ -22,11 +23,14 @@ def prepare_and_summarise(config: Config) -> PreparedData:
           f"  needs       train: {config.training_kwargs.max_steps} steps x {config.training_kwargs.batch_size} "
           f"sequences: {shards}; eval: {format_bytes(plan.eval_bytes)}", flush=True)
     check_budget(config, plan)
-    prepared = prepare_data(config, verify=True)
+    prepared = prepare_data(config, verify=True)  # regenerates exactly the missing or damaged files
+    for name, what in prepared.repaired.items():
+        print(f"  repaired    {plan.directory / name}: {what}")
     files = prepared.manifest["files"]
     on_disk = sum(files[n]["bytes"] for n in files)
-    print(f"  files       {len(prepared.generated)} generated, {len(prepared.verified)} verified against the manifest; "
-          f"{len(files)} files, {format_bytes(on_disk)} on disk")
+    repaired = f"{len(prepared.repaired)} repaired, " if prepared.repaired else ""
+    print(f"  files       {len(prepared.generated)} generated, {repaired}{len(prepared.verified)} verified against the "
+          f"manifest; {len(files)} files, {format_bytes(on_disk)} on disk")
     with h5py.File(plan.directory / "eval.h5", "r") as f:
         for split in f:
             print(f"  eval/{split:<6} {len(f[split]['task_ids'])} sequences, content hash {f[split].attrs['content_hash'][:16]}")
