@@ -2,7 +2,9 @@ from setuptools import find_packages, setup
 
 # torch is deliberately unpinned: GPU clusters bring their own CUDA build; `make install` puts the
 # CPU wheel in place first on machines without one. mup is installed by `make install` with --no-deps
-# (its torchvision dependency breaks transformers' imports), so it is not listed here.
+# (its torchvision dependency breaks transformers' imports), so it is not listed here. These are the ranges normscale
+# accepts; the versions it was tested with are pinned in tools/constraints.txt, which `make install`
+# (tools/install.sh) installs from unless NORMSCALE_UNCONSTRAINED=1.
 setup(
     name="normscale",
     version="0.1.0",
@@ -23,6 +25,7 @@ setup(
         "safetensors>=0.4",
         "wandb>=0.17",
         "python-dotenv>=1.0",
+        "pyyaml>=6.0",  # imported directly (run configs), not only through omegaconf
         "tqdm>=4.66",
         "pandas>=2.0",
         "matplotlib>=3.8",

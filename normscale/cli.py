@@ -2,13 +2,25 @@
 
 Hydra's DictConfig stops here: entry functions receive a validated `normscale.config.Config`.
 Bad overrides are rejected before Hydra composes anything, with one line naming the key and what is allowed.
+`python -m normscale.cli check [normscale.<entry>] [-m] <overrides>` validates a command's config without running it
+(no torch import; for normscale.eval with model=llm also the model path): slurm/submit and the sbatch scripts call it
+(or `sweep plan` / `sweep progress`, which validate alike) once before any worker starts, and launch/cpu.sh runs
+`python -m normscale.cli launch-cpu`, which validates the same way and then launches. Errors are printed by rank 0
+only (`fail`).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+import re
+import socket
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from normscale.config import (Config, ConfigError, NormscaleError, RunHeldError, resolve_cache_dir,
                               schema_keys)
@@ -18,8 +30,21 @@ SITE_ENV = CONF_DIR.parent / "slurm" / "site.env"
 GROUPS = ("setting", "model", "training", "eval", "experiment")
 
 
+# Errors every process of a multi-process job meets alike (bad input, a diverged run: the loss check is collective,
+# a held run: rank 0 holds the lock, an interrupt): only rank 0 says so. A fault met while running (1) can be one
+# rank's own: the other ranks report it too, as `normscale: rank N: ...` (not a second error line).
+SAME_ON_EVERY_RANK = (2, 3, 75, 130)
+
+
 def fail(message: str, code: int = 2):
-    print(f"normscale: error: {message}", file=sys.stderr)
+    """Print `normscale: error: <message>` (rank 0 only, see SAME_ON_EVERY_RANK) and exit with `code`."""
+    from normscale.dist import process_info
+
+    info = process_info()
+    if info.is_main:
+        print(f"normscale: error: {message}", file=sys.stderr, flush=True)
+    elif code not in SAME_ON_EVERY_RANK:
+        print(f"normscale: rank {info.rank}: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -43,6 +68,11 @@ def check_overrides(args: list[str]) -> None:
             allowed = group_choices(key) + (["null"] if key == "experiment" else [])
             explicit = [] if any(c in value for c in "()$[") else value.split(",")
             for choice in explicit:
+                trained = trained_experiment(choice, args) if key == "experiment" and choice not in allowed else None
+                if trained is not None:
+                    setting = "" if trained.parent.name == "balls_and_urns" else f" setting={trained.parent.name}"
+                    raise ConfigError(f"experiment={choice} selects a preset, and there is none named {choice}; "
+                                      f"{trained} is a trained experiment: select it with name={choice}{setting}")
                 if choice not in allowed:
                     raise ConfigError(f"{key}={choice!r} is not a known {key}; choose one of: {', '.join(allowed)} "
                                       f"(files in {CONF_DIR / key})")
@@ -59,14 +89,162 @@ def allowed_keys(section: str) -> list[str]:
     return sorted({k[len(prefix):].split(".")[0] for k in schema_keys() if k.startswith(prefix)})
 
 
+def trained_experiment(name: str, args: list[str]) -> Path | None:
+    """The directory of a trained experiment called `name` under CACHE_DIR/experiments/<setting>/ (the command line's
+    cache_dir=, else CACHE_DIR), or None."""
+    if not re.fullmatch(r"[\w.+-]+", name):
+        return None
+    cache = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("cache_dir=")]
+    found = sorted((resolve_cache_dir(cache[-1] if cache else None) / "experiments").glob(f"*/{name}"))
+    return next((p for p in found if p.is_dir()), None)
+
+
 def to_config(cfg) -> Config:
-    """A composed Hydra config -> the validated Config (CACHE_DIR resolved to an absolute path)."""
+    """A composed Hydra config -> the validated Config (CACHE_DIR resolved to an absolute path, and usable)."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.to_container(cfg, resolve=True)
+    with hydra_errors():
+        raw = OmegaConf.to_container(cfg, resolve=True)
     raw.pop("hydra", None)
     raw["cache_dir"] = str(resolve_cache_dir(raw.get("cache_dir")))
-    return Config.from_dict(raw)
+    config = Config.from_dict(raw)
+    check_cache_dir(Path(config.cache_dir))
+    return config
+
+
+@contextlib.contextmanager
+def hydra_errors():
+    """Hydra's and OmegaConf's errors (override grammar, composition, interpolation) as one-line ConfigErrors."""
+    from hydra.errors import HydraException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException) as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, OverrideParseException):
+            text = f"cannot parse the override {error.override!r}: {text}"
+        raise ConfigError(text) from None
+
+
+_USABLE_CACHE_DIRS: set[Path] = set()
+
+
+def check_cache_dir(path: Path) -> None:
+    """CACHE_DIR must be a directory in which this process can make directories, or one it can create: probed by
+    making and removing a temporary directory in it (or in its nearest existing parent), so nothing is left behind
+    and nothing is created before the command's own work. ConfigError (exit 2) otherwise."""
+    if path in _USABLE_CACHE_DIRS:
+        return
+    hint = "set CACHE_DIR to a writable directory"
+    existing = path
+    while not existing.is_dir():
+        if existing.exists() or existing.is_symlink():  # a file (or a dangling link) where a directory must be
+            raise ConfigError(f"cannot create CACHE_DIR={path}: {existing} is not a directory; {hint}")
+        existing = existing.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".normscale-probe-", dir=existing))
+    except OSError as error:
+        what = f"write in CACHE_DIR={path}" if existing == path else f"create CACHE_DIR={path}"
+        where = "" if existing == path else f" (in {existing})"
+        raise ConfigError(f"cannot {what}: {error.strerror or error}{where}; {hint}") from None
+    _USABLE_CACHE_DIRS.add(path)
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+HUB_TIMEOUT_S = 3.0
+
+
+def check_llm_path(config: Config) -> None:
+    """model=llm: the setting is balls_and_urns, and `model_kwargs.model_path` is a local model directory, a hub id
+    already in the hub cache, or a hub id with the hub reachable (one connection attempt of HUB_TIMEOUT_S, no
+    retries); ConfigError (exit 2) otherwise, at once, instead of transformers' minute of retries and a traceback."""
+    if config.model != "llm":
+        return
+    if config.setting != "balls_and_urns":
+        raise ConfigError(f"model=llm evaluates balls_and_urns sequences (SPEC F), not setting={config.setting}")
+    path = config.model_kwargs.model_path
+    if not path:
+        raise ConfigError("model=llm needs model_kwargs.model_path=<local directory or hub id>")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model_kwargs.model_path={path} is a directory without config.json: pass a directory "
+                              "written by save_pretrained (or a hub id)")
+        return
+    if local.exists() or path.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(path):
+        raise ConfigError(f"model_kwargs.model_path={path} is not a local directory (nor a hub id such as org/name)")
+    if hub_cached(path):
+        return
+    offline = [v for v in OFFLINE_VARIABLES if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")]
+    if offline:
+        raise ConfigError(f"model_kwargs.model_path={path} is not a local directory nor in the hub cache, and "
+                          f"{offline[0]}={os.environ[offline[0]]} forbids downloading: pass a local directory, or "
+                          "download the model first where the hub is reachable (HF_HOME: the cache it is read from)")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ConfigError(f"model_kwargs.model_path={path} is not a local directory nor in the hub cache, and the hub "
+                          f"cannot be reached ({unreachable}): pass a local directory, or download the model first "
+                          "where the hub is reachable (HF_HOME: the cache it is read from)")
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Whether the hub cache (HF_HOME / HF_HUB_CACHE) holds `repo_id`'s config.json."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # no huggingface_hub, or an id it does not accept: not cached
+        return False
+
+
+def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """Why the hub (HF_ENDPOINT, else huggingface.co; through the https/http proxy of the environment where one is
+    set) does not accept a TCP connection within `timeout` seconds, name lookup included; None when it does."""
+    import urllib.request
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(endpoint.scheme)
+    if proxy:
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parts.hostname or "", parts.port or 80
+    outcome: dict[str, str] = {}
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = ""
+        except OSError as error:
+            outcome["error"] = error.strerror or str(error) or type(error).__name__
+
+    attempt = threading.Thread(target=connect, daemon=True)
+    attempt.start()
+    attempt.join(timeout + 0.5)
+    if "ok" in outcome:
+        return None
+    return f"{'proxy ' if proxy else ''}{host}:{port}: {outcome.get('error', f'no answer within {timeout:g} s')}"
+
+
+def validate(args: list[str]) -> list[Config]:
+    """The Configs a command would run (`[normscale.<entry>] [-m] <overrides>`; every point of a `-m` sweep), validated
+    as the entry point does it, without running anything: ConfigError naming the first problem. Commands that pick
+    another config file (--config-name, --config-path, --config-dir) are not checked here (empty list)."""
+    from normscale.sweep import compose, grid
+
+    entry = args[0] if args and args[0].startswith("normscale.") and "=" not in args[0] else None
+    rest = args[1:] if entry else args
+    if any(a.split("=")[0] in ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd") for a in rest):
+        return []
+    overrides = [a for a in rest if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    check_overrides(overrides)
+    points = grid(overrides) if any(a in ("-m", "--multirun") for a in rest) else [overrides]
+    configs = [to_config(compose(point)) for point in points]
+    if entry == "normscale.eval":
+        for config in {c.model_kwargs.model_path: c for c in configs if c.model == "llm"}.values():
+            check_llm_path(config)
+    return configs
 
 
 def load_env() -> None:
@@ -120,3 +298,54 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
     if held:
         fail(f"{len(held)} sweep point(s) skipped because another process holds them: " + "; ".join(held),
              RunHeldError.exit_code)
+
+
+def launch_cpu(num_processes: str, args: list[str]) -> None:
+    """launch/cpu.sh: `accelerate launch` of `args` (`-m normscale.<entry> <overrides>`) as `num_processes` CPU
+    processes over gloo, in this process (so signals reach the launcher as before), after validating the config once
+    (skipped with NORMSCALE_CHECKED=1: the caller did). A failed worker ends the command with rank 0's exit code (the
+    launcher would say 1, with its traceback); a line is added only where rank 0 said nothing of its own."""
+    entry = args[1] if args[:1] == ["-m"] and len(args) > 1 else ""
+    if entry.startswith("normscale.") and not os.environ.get("NORMSCALE_CHECKED"):
+        try:
+            validate(args[1:])
+        except NormscaleError as error:
+            fail(str(error), error.exit_code)
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    os.environ["ACCELERATE_USE_CPU"] = "1"  # else every process believes it is rank 0 of 1 (INFRA.md)
+    parsed = launch_command_parser().parse_args(
+        ["--multi_gpu", "--num_processes", num_processes, "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "0", *args])
+    try:
+        launch_command(parsed)
+    except ChildFailedError as error:
+        rank, failure = (0, error.failures[0]) if 0 in error.failures else error.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        if rank != 0 or failure.exitcode < 0:
+            how = f"exited with code {failure.exitcode}" if failure.exitcode > 0 else \
+                f"was killed by signal {failure.signal_name()}"
+            print(f"normscale: error: worker rank {rank} (pid {failure.pid}) {how}; its output is above",
+                  file=sys.stderr, flush=True)
+        sys.exit(code)
+
+
+def main() -> None:
+    """`python -m normscale.cli check [normscale.<entry>] [-m] <overrides>`: exit 0 when the config is valid, else 2
+    with one line. `python -m normscale.cli launch-cpu N <accelerate launch arguments>`: see launch_cpu."""
+    args = sys.argv[1:]
+    if args[:1] == ["launch-cpu"] and len(args) > 1:
+        load_env()
+        return launch_cpu(args[1], args[2:])
+    if args[:1] != ["check"]:
+        fail("usage: python -m normscale.cli check [normscale.<entry>] [-m] <overrides>")
+    load_env()
+    try:
+        validate(args[1:])
+    except NormscaleError as error:
+        fail(str(error), error.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,15 +2,18 @@
 
     python -m normscale.sweep plan   [--submit] [--throttle N] <overrides>   list the points; with --submit freeze them
                                                                             to a manifest and sbatch the array(s)
-    python -m normscale.sweep status [--manifest PATH] <overrides>         finished / running / failed / missing points
+    python -m normscale.sweep status [--manifest PATH] <overrides>         finished / running / failed / missing /
+                                                                            conflicting points
     python -m normscale.sweep point  --manifest PATH --index I             one point's overrides, one per line
     python -m normscale.sweep progress <overrides>                         one run's resume step, max_steps, directory
 
 The grid is the experiment preset's `hydra.sweeper.params` crossed with the command line's `-m`-style overrides
 (comma lists; the command line wins for a key in both), exactly the points `python -m normscale.train -m` runs,
-with the same run directories. `plan` prints the sbatch command(s) it would submit; `plan --submit` skips finished
-points (resume state at max_steps), writes <experiment>/sweeps/<stamp>-<hash>.json (points, submitted indices, job
-ids, resources), and submits slurm/sweep.sh as one array per chunk of at most MaxArraySize indices (`scontrol show
+with the same run directories (no `-m` here: these commands always sweep). `plan` prints the sbatch command(s) it
+would submit; `plan --submit` skips finished points (resume state at max_steps), failed ones (failed.json: a
+non-finite loss, shown with its reason) and conflicting ones (a run directory trained with another identity, shown
+with the keys that differ), writes <experiment>/sweeps/<stamp>-<hash>.json (points, submitted indices, job ids,
+resources), and submits slurm/sweep.sh as one array per chunk of at most MaxArraySize indices (`scontrol show
 config`), throttled with `%N`. Array task i of a chunk runs point offset + i of the manifest: a requeued or
 resubmitted task maps to the same point even if the preset changed since. Site settings (partition, account, time,
 GPUs and CPUs per task) come from slurm/site.env (the one place to edit them; the environment wins).
@@ -33,12 +36,15 @@ from pathlib import Path
 
 from normscale.config import Config, NormscaleError
 from normscale.fileio import write_json
-from normscale.layout import run_name
+from normscale.layout import FAILED_FILE, identity_diff, max_steps_change, read_failure, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_SCRIPT = ROOT / "slurm" / "sweep.sh"
 DEFAULT_MAX_ARRAY_SIZE = 1001
 RESUME_STATE = "resume/state.json"  # normscale.checkpoints' layout (not imported: it imports torch)
+CONFIG_FILE = "config_resolved.yaml"  # normscale.checkpoints.CONFIG_FILE
+SKIPPED = ("finished", "failed", "conflict")  # states `plan --submit` does not submit
+FIX = "overwrite=true trains such a point again, or choose another name= for this sweep"
 
 
 @dataclass(frozen=True)
@@ -46,24 +52,80 @@ class Point:
     overrides: list[str]
     run_dir: Path
     max_steps: int
+    config: Config | None = None  # the point's own config (its identity is compared with the run directory's)
 
     def step(self) -> int | None:
-        """The step of the run's resume state (None: there is none)."""
-        state = self.run_dir / RESUME_STATE
-        return json.loads(state.read_text())["step"] if state.exists() else None
+        """The step of the run's resume state (None: there is none, or its record is unreadable: normscale.train
+        then falls back to the previous state)."""
+        try:
+            return int(json.loads((self.run_dir / RESUME_STATE).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def failure(self) -> str | None:
+        """Why the run failed (failed.json: a non-finite loss), or None."""
+        try:
+            failure = read_failure(self.run_dir)
+        except (OSError, ValueError):
+            return f"{FAILED_FILE} is unreadable"
+        return None if failure is None else f"at step {failure.get('step')}: {failure.get('reason')}"
+
+    def conflict(self) -> list[str]:
+        """How the run directory's saved config differs from this point's in identity (`key: saved -> wanted`; a
+        max_steps the learning-rate schedule cannot follow, as normscale.train decides); [] when it does not, or
+        when nothing is saved yet."""
+        if self.config is None or not (self.run_dir / CONFIG_FILE).exists():
+            return []
+        try:
+            saved = saved_config(self.run_dir)
+        except (NormscaleError, OSError, ValueError, TypeError) as error:
+            return [f"{CONFIG_FILE} cannot be read back ({' '.join(str(error).split())[:200]})"]
+        differ = identity_diff(saved, self.config, ignore=("training_kwargs.max_steps",))
+        if differ:
+            return differ
+        reason = max_steps_change(saved, self.config, self.step() or 0)
+        return [reason] if reason else []
 
     def state(self) -> str:
-        """finished | started (a resume state short of max_steps) | missing."""
+        """failed (recorded in failed.json) | conflict (the run directory holds another identity) | replace (either,
+        with overwrite=true: the point trains again from scratch) | finished | started (a resume state short of
+        max_steps) | missing."""
+        overwrite = self.config is not None and self.config.overwrite
+        if self.failure():
+            return "replace" if overwrite else "failed"
+        if self.conflict():
+            return "replace" if overwrite else "conflict"
         step = self.step()
         return "missing" if step is None else "finished" if step >= self.max_steps else "started"
 
+    def detail(self, state: str) -> str:
+        """What a failed or conflicting point's line says about it."""
+        if state == "failed":
+            return f"failed {self.failure()}"
+        if state == "conflict":
+            return f"{self.run_dir.name} was trained with another config: {'; '.join(self.conflict())}"
+        if state == "replace":
+            failure = self.failure()
+            return "overwrite=true trains it again: " + (f"failed {failure}" if failure else "; ".join(self.conflict()))
+        return ""
+
+
+def saved_config(run_dir: Path) -> Config:
+    """A run's config_resolved.yaml read back through the schema, as normscale.checkpoints.read_config does (which
+    imports torch): YAML after the first line, a comment with the overrides."""
+    import yaml
+
+    text = (Path(run_dir) / CONFIG_FILE).read_text()
+    return Config.from_dict(yaml.safe_load(text.split("\n", 1)[1] if text.startswith("#") else text))
+
 
 def compose(overrides: list[str], hydra_config: bool = False):
+    """Hydra's composition of `overrides` (its errors as one-line ConfigErrors)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from normscale.cli import CONF_DIR
+    from normscale.cli import CONF_DIR, hydra_errors
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with hydra_errors(), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_config)
 
 
@@ -71,11 +133,12 @@ def grid(overrides: list[str]) -> list[list[str]]:
     """Every point of the sweep: the fixed overrides plus one value of each swept key (Hydra's grammar)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from normscale.cli import check_overrides
+    from normscale.cli import check_overrides, hydra_errors
 
     check_overrides(overrides)
     parser = OverridesParser.create()
-    command_line = parser.parse_overrides(overrides)
+    with hydra_errors():
+        command_line = parser.parse_overrides(overrides)
     fixed = [o.input_line for o in command_line if not o.is_sweep_override()]
     preset = compose(fixed, hydra_config=True)
 
@@ -85,8 +148,9 @@ def grid(overrides: list[str]) -> list[list[str]]:
             return [override.input_line]
         return [f"{key}={v}" for v in override.sweep_string_iterator()]
 
-    swept = {key: values(parser.parse_override(f"{key}={value}"))
-             for key, value in (preset.hydra.sweeper.params or {}).items()}
+    with hydra_errors():
+        swept = {key: values(parser.parse_override(f"{key}={value}"))
+                 for key, value in (preset.hydra.sweeper.params or {}).items()}
     for override in command_line:
         key = override.get_key_element()
         swept.pop(key, None)  # the command line wins, and its keys come last
@@ -99,7 +163,8 @@ def resolve(point: list[str]) -> Point:
     from normscale.cli import to_config
 
     config: Config = to_config(compose(point))
-    return Point(point, config.experiment_dir / "runs" / run_name(point, config.seed), config.training_kwargs.max_steps)
+    return Point(point, config.experiment_dir / "runs" / run_name(point, config.seed), config.training_kwargs.max_steps,
+                 config)
 
 
 def array_spec(indices: list[int]) -> str:
@@ -159,13 +224,19 @@ def sbatch_command(manifest: Path, offset: int, task_ids: list[int], name: str, 
 
 def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | None:
     """List the points; print the sbatch command(s) for the unfinished ones, or (submit) freeze the manifest and
-    submit them."""
+    submit them. Failed and conflicting points are listed with the reason and never submitted."""
     points = [resolve(p) for p in grid(overrides)]
     states = [p.state() for p in points]
-    todo = [i for i, s in enumerate(states) if s != "finished"]
+    todo = [i for i, s in enumerate(states) if s not in SKIPPED]
     for i, (point, state) in enumerate(zip(points, states)):
-        print(f"{i:4d}  {state:8s}  {' '.join(point.overrides)}")
-    print(f"normscale: {len(points)} point(s), {len(points) - len(todo)} finished, {len(todo)} to run")
+        detail = point.detail(state)
+        print(f"{i:4d}  {state:8s}  {' '.join(point.overrides)}" + (f"  ({detail})" if detail else ""))
+    count = {s: states.count(s) for s in SKIPPED}
+    print(f"normscale: {len(points)} point(s), {count['finished']} finished, {len(todo)} to run" +
+          "".join(f", {count[s]} {s}" for s in ("failed", "conflict") if count[s]))
+    if count["failed"] or count["conflict"]:
+        print(f"normscale: {count['failed'] + count['conflict']} failed or conflicting point(s) are not submitted; "
+              f"{FIX}")
     if not todo:
         return None
     res = resources()
@@ -207,7 +278,11 @@ def point(manifest: Path, index: int) -> list[str]:
 
 def progress(overrides: list[str]) -> str:
     """`<resume step> <max_steps> <run dir>` of one run (step 0 before any resume state): slurm/common.sh compares
-    it before and after a preempted run to decide on a requeue."""
+    it before and after a preempted run to decide on a requeue, and its validation (one line, exit 2, as the entry
+    point says it) is the check the scripts make once before they start the run's processes."""
+    from normscale.cli import check_overrides
+
+    check_overrides(overrides)
     run = resolve(overrides)
     return f"{run.step() or 0} {run.max_steps} {run.run_dir}"
 
@@ -226,7 +301,8 @@ def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def status(overrides: list[str], manifest: Path | None) -> dict[str, list[int]]:
-    """Print and return the points by state: finished, running, failed (with log paths), missing."""
+    """Print and return the points by state: finished, running, failed (with the reason a run recorded, and log
+    paths), missing, conflict (a run directory trained with another identity, with the keys that differ)."""
     if manifest is None:
         points = grid(overrides)
         sweeps = resolve(points[0]).run_dir.parent.parent / "sweeps"
@@ -240,13 +316,17 @@ def status(overrides: list[str], manifest: Path | None) -> dict[str, list[int]]:
         for task in task_ids:
             by_index[job["offset"] + task] = f"{job['job_id']}_{task}"
     states = slurm_states([j["job_id"] for j in record["jobs"]])
-    groups = {"finished": [], "running": [], "failed": [], "missing": []}
+    groups = {"finished": [], "running": [], "failed": [], "missing": [], "conflict": []}
     for i, overrides_i in enumerate(record["points"]):
-        disk = resolve(overrides_i).state()
+        point_i = resolve(overrides_i)
+        disk = point_i.state()
         task = by_index.get(i)
         slurm, code = states.get(task, ("", "")) if task else ("", "")
-        if disk == "finished":
-            group, detail = "finished", ""
+        log = f", log {log_dir}/{task}.out" if task else ""
+        if disk in ("finished", "conflict"):
+            group, detail = disk, point_i.detail(disk)
+        elif disk == "failed":
+            group, detail = "failed", point_i.detail(disk) + log
         elif slurm in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED"):
             group, detail = "running", f"{task} {slurm}"
         elif slurm in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "PREEMPTED", "BOOT_FAIL",
@@ -256,8 +336,10 @@ def status(overrides: list[str], manifest: Path | None) -> dict[str, list[int]]:
             group, detail = "missing", ""
         groups[group].append(i)
         print(f"{i:4d}  {group:8s}  {' '.join(overrides_i)}  {detail}".rstrip())
-    print("normscale: " + ", ".join(f"{len(v)} {k}" for k, v in groups.items()) +
+    print("normscale: " + ", ".join(f"{len(v)} {k}" for k, v in groups.items() if k != "conflict" or v) +
           (f" (manifest {manifest})" if manifest else " (never submitted)"))
+    if groups["conflict"]:
+        print(f"normscale: conflicting points are not submitted; {FIX}")
     return groups
 
 
@@ -281,6 +363,12 @@ def main() -> None:
     p_point.add_argument("--index", type=int, required=True)
     sub.add_parser("progress", help="one run's resume step, max_steps and directory (used by slurm/common.sh)")
     args, overrides = parser.parse_known_args()
+    if any(a in ("-m", "--multirun") for a in overrides):
+        fail(f"python -m normscale.sweep {args.command} always sweeps: list a key's values as a comma list "
+             "(e.g. task_kwargs.num_tasks=4,64), without -m")
+    unknown = [a for a in overrides if a.startswith("-")]
+    if unknown:
+        fail(f"unknown option {unknown[0]} for python -m normscale.sweep {args.command} (see --help)")
     load_env()
     try:
         if args.command == "plan":

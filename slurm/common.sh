@@ -25,7 +25,8 @@ cd "$NORMSCALE_ROOT"
 # Set `launcher` to a command that, followed by `-m MODULE ARGS...`, runs the module under accelerate launch on every
 # task of the allocation (one task per machine): machine rank SLURM_PROCID, SLURM_NTASKS machines, the first node as
 # rendezvous (loopback when all tasks share one node), GPUS processes per machine (SLURM_GPUS_ON_NODE, else
-# NORMSCALE_GPUS_PER_NODE; 0: one CPU process over gloo). The launchers ignore USR1 (see train_requeueable).
+# NORMSCALE_GPUS_PER_NODE; 0: one CPU process over gloo). The launchers ignore USR1 (see train_requeueable). With
+# --quiet a failed worker ends the launcher with exit 1 and its summary, without the launcher's own traceback.
 machine_launcher() {
   local nodes gpus
   nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
@@ -39,9 +40,9 @@ machine_launcher() {
       "processes per machine anyway: submit with slurm/submit or --gpus-per-node" >&2
   fi
   if (( gpus > 0 )); then
-    export NS_PER_MACHINE=$gpus NS_LAUNCH_ARGS="--config_file ${NORMSCALE_ACCELERATE_CONFIG:-launch/multinode.yaml}"
+    export NS_PER_MACHINE=$gpus NS_LAUNCH_ARGS="--quiet --config_file ${NORMSCALE_ACCELERATE_CONFIG:-launch/multinode.yaml}"
   else
-    export NS_PER_MACHINE=1 ACCELERATE_USE_CPU=1 NS_LAUNCH_ARGS="--multi_gpu --mixed_precision no --dynamo_backend no"
+    export NS_PER_MACHINE=1 ACCELERATE_USE_CPU=1 NS_LAUNCH_ARGS="--quiet --multi_gpu --mixed_precision no --dynamo_backend no"
   fi
   echo "normscale: $NS_MACHINES machine(s) x $NS_PER_MACHINE process(es), rendezvous $NS_MAIN:$NS_PORT"
   # shellcheck disable=SC2016  # expanded by each task's shell, with its own SLURM_PROCID
@@ -51,22 +52,28 @@ machine_launcher() {
       --main_process_ip "$NS_MAIN" --main_process_port "$NS_PORT" "$@"' bash)
 }
 
-# The run's resume step, max_steps and directory ("-1 -1 ?" when its config does not compose; train says why).
-progress() { "$NORMSCALE_PYTHON" -m normscale.sweep progress "$@" || echo "-1 -1 ?"; }
+# The run's resume step, max_steps and directory; a config that does not validate: one line, exit 2.
+progress() { "$NORMSCALE_PYTHON" -m normscale.sweep progress "$@"; }
+
+# check ENTRY OVERRIDES...: validate a command's config once, before any process of it starts (one line, exit 2).
+check() { "$NORMSCALE_PYTHON" -m normscale.cli check "$@"; }
 
 # train_requeueable FORWARD OVERRIDES...: `"${launcher[@]}" -m normscale.train OVERRIDES...`, requeued when preempted.
+# The config is validated once, by the first `progress` (a bad one: its one line, and the function returns 2 before
+# anything starts); the launched command is told so (NORMSCALE_CHECKED=1: launch/cpu.sh does not check again).
 # The launched command ignores USR1 (a launcher such as torch elastic's would die of it; normscale.train installs
 # its own handler). Once this script gets USR1 (the warning signal, --signal=B:USR1@...; by hand
 # `scancel --signal=USR1 --batch JOB`), `FORWARD PID` passes it on every 2 s until the run exits (a process still
 # starting up ignores it, so it is sent again). The job is requeued when the run saved resume state short of
 # max_steps, whatever the launcher's exit code; else the function returns the run's exit status.
 train_requeueable() {
-  local forward=$1 before after max run_dir child status
+  local forward=$1 before after max run_dir child status checked
   shift
-  read -r before max run_dir < <(progress "$@")
+  checked=$(progress "$@") || return $?
+  read -r before max run_dir <<< "$checked"
   preempted=0
   trap 'preempted=1' USR1
-  (trap '' USR1; exec "${launcher[@]}" -m normscale.train "$@") &
+  (trap '' USR1; export NORMSCALE_CHECKED=1; exec "${launcher[@]}" -m normscale.train "$@") &
   child=$!
   while kill -0 "$child" 2>/dev/null; do
     if (( preempted )); then "$forward" "$child"; sleep 2; else sleep 1; fi
@@ -74,7 +81,7 @@ train_requeueable() {
   wait "$child" && status=0 || status=$?
   trap - USR1
   (( preempted )) || return "$status"
-  read -r after max run_dir < <(progress "$@")
+  read -r after max run_dir < <(progress "$@" || echo "-1 -1 ?")
   if (( after > before && after < max )); then
     echo "normscale: preempted; the run saved its resume state at step $after ($run_dir); requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"

@@ -17,5 +17,7 @@ set -euo pipefail
 source "${NORMSCALE_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}/slurm/common.sh"
 args=("$@")
 [[ " ${args[*]} " == *" model_kwargs.sharding="* ]] || args+=("model_kwargs.sharding=fsdp")
+check normscale.eval "${args[@]}"  # once, before any process starts: a bad config or model path is one line, exit 2
+export NORMSCALE_CHECKED=1
 machine_launcher
 "${launcher[@]}" -m normscale.eval "${args[@]}"

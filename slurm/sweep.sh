@@ -6,6 +6,8 @@
 # it trains point offset + i of the manifest: one process, or under `accelerate launch` with one process per GPU
 # when the task has several (NORMSCALE_PROCESSES_PER_TASK > 1 without GPUs: CPU processes over gloo). On the warning
 # signal the run saves its resume state, the task requeues itself, and the requeued task resumes the same run.
+# The planning job validates every point (`sweep plan`: one line, exit 2, nothing submitted); an array task validates
+# its point once before it starts the run's processes (train_requeueable in common.sh).
 #SBATCH --job-name=ns-sweep-plan
 #SBATCH --cpus-per-task=1
 #SBATCH --time=00:15:00
@@ -23,7 +25,7 @@ mapfile -t point < <("$NORMSCALE_PYTHON" -m normscale.sweep point --manifest "$N
 gpus=${SLURM_GPUS_ON_NODE:-0}
 procs=${NORMSCALE_PROCESSES_PER_TASK:-$(( gpus > 1 ? gpus : 1 ))}
 if (( procs > 1 && gpus > 0 )); then
-  launcher=("$NORMSCALE_PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$procs"
+  launcher=("$NORMSCALE_PYTHON" -m accelerate.commands.launch --quiet --multi_gpu --num_processes "$procs"
             --main_process_port 0)
 elif (( procs > 1 )); then
   launcher=(env PYTHON="$NORMSCALE_PYTHON" bash launch/cpu.sh "$procs")

@@ -5,6 +5,7 @@ models writes two result sets; on a trained experiment (name=<experiment>) an LL
 sequences."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,21 @@ def test_a_model_without_a_path_or_on_another_setting_is_refused_before_loading(
     wrong = run_module("normscale.eval", *EVAL, "setting=linear_regression", "model=llm",
                        "model_kwargs.model_path=/nonexistent", env={"CACHE_DIR": str(tmp_path)})
     assert wrong.returncode == 2 and "evaluates balls_and_urns sequences" in wrong.stderr
+
+
+def test_a_hub_id_already_in_the_hub_cache_is_evaluated_offline(models, tmp_path):
+    """HF_HUB_OFFLINE=1 refuses, at once, a model path that is neither a local directory nor in the hub cache
+    (tests/test_bad_input.py); a hub id whose files the hub cache holds (HF_HOME, laid out as huggingface_hub writes
+    it: snapshots/<revision>/ and refs/main) passes that check and is loaded from the cache."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-llama"
+    shutil.copytree(models[0], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {"CACHE_DIR": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = run_module("normscale.eval", *EVAL, "model_kwargs.model_path=tiny-org/tiny-llama", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "cache/experiments/balls_and_urns/llm_eval/runs").glob("llm-*/*/metrics.pt"))) == 1
 
 
 def test_an_llm_on_a_trained_experiment_scores_the_runs_own_eval_sequences(models, tmp_path):

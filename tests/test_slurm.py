@@ -150,6 +150,69 @@ def test_plan_lists_the_grid_of_preset_and_command_line_without_torch(tmp_path):
     assert out == ["22", "False"]  # 11 D values x 2 widths; seed fixed on the command line; no torch imported
 
 
+def test_plan_and_status_show_failed_and_conflicting_points_and_submit_neither(tmp_path, monkeypatch):
+    """Four points: finished, failed (failed.json), conflicting (its directory was trained with another width) and
+    missing. `plan` and `status` name the failure's reason and the differing keys; `plan --submit` (sbatch and
+    scontrol stand-ins that record their arguments) submits only the missing point and says how to train the others;
+    with overwrite=true the failed and conflicting points are submitted too (they are replaced)."""
+    from conftest import compose_config
+    from normscale.checkpoints import write_config
+
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path))  # this process's sweep.resolve, as the commands' (env_for)
+    overrides = ["name=states", *TINY, "task_kwargs.num_tasks=2,4,8,16"]
+    points = [sweep.resolve(p) for p in sweep.grid(overrides)]
+    (finished, failed, conflicting, _missing) = points
+    for point, extra in ((finished, []), (failed, []), (conflicting, ["model_kwargs.hidden_size=32"])):
+        config = compose_config(*point.overrides, *extra, f"cache_dir={tmp_path}")
+        point.run_dir.mkdir(parents=True)
+        write_config(point.run_dir, config, point.overrides)
+        (point.run_dir / "resume").mkdir()
+        (point.run_dir / "resume/state.json").write_text(json.dumps({"step": 40 if point is finished else 20}))
+    (failed.run_dir / "failed.json").write_text(json.dumps({"step": 30, "reason": "non-finite loss nan"}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch-calls"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 4242\n')
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'MaxArraySize = 1001'\n")
+    for tool in ("sbatch", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = env_for(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "normscale.sweep", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        return done.stdout.splitlines()
+
+    plan = cli("plan", *overrides)
+    assert plan[0].split()[1] == "finished" and plan[3].split()[1] == "missing"
+    assert plan[1].split()[1] == "failed" and "(failed at step 30: non-finite loss nan)" in plan[1]
+    assert plan[2].split()[1] == "conflict" and "model_kwargs.hidden_size: 32 -> 16" in plan[2]
+    assert "4 point(s), 1 finished, 1 to run, 1 failed, 1 conflict" in plan[4]
+    assert "overwrite=true trains such a point again, or choose another name=" in plan[5]
+    status = cli("status", *overrides)
+    assert "failed at step 30: non-finite loss nan" in status[1] and status[1].split()[1] == "failed"
+    assert status[2].split()[1] == "conflict" and "model_kwargs.hidden_size: 32 -> 16" in status[2]
+    assert "1 finished, 0 running, 1 failed, 1 missing, 1 conflict (never submitted)" in status[4]
+    submitted = cli("plan", "--submit", *overrides)
+    assert any("submitted array job 4242 (--array=0, offset 3)" in line for line in submitted), submitted
+    (manifest,) = manifests(tmp_path, "states")
+    assert json.loads(manifest.read_text())["submitted"] == [3]
+    assert len(calls.read_text().splitlines()) == 1
+    replaced = cli("plan", *overrides, "overwrite=true")
+    assert [line.split()[1] for line in replaced[:4]] == ["finished", "replace", "replace", "missing"]
+    assert "overwrite=true trains it again: failed at step 30" in replaced[1] and "3 to run" in replaced[4]
+
+
+def test_a_bad_point_or_flag_of_a_sweep_command_is_one_line(tmp_path):
+    for args in (["plan", "-m", "name=x"], ["status", "--multirun", "name=x"], ["progress", "bogus_key=1"],
+                 ["plan", "--bogus", "name=x"], ["plan", "name=x", "training_kwargs.learning_rate=1e-3,nan"]):
+        done = subprocess.run([sys.executable, "-m", "normscale.sweep", *args], cwd=ROOT, env=env_for(tmp_path),
+                              capture_output=True, text=True)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "Traceback" not in done.stderr and done.stderr.count("normscale: error:") == 1, (args, done.stderr)
+
+
 # ---------------------------------------------------------------- on the real local cluster
 
 
@@ -278,16 +341,22 @@ def test_array_sweep_completes_and_resubmission_runs_exactly_what_is_missing(clu
 
 
 def test_a_failing_task_reports_its_log_and_the_others_finish(cluster, tmp_path):
-    # a point that passes planning and fails in its task: its data exceed a tiny storage budget
-    record = run_sweep(tmp_path, "fail", "data_kwargs.max_storage_gb=10,0.000001")
+    """A point that passes planning and fails in its task (its loss diverges: exit 3, recorded in failed.json):
+    `status` lists it as failed with the run's reason and the task's log; a resubmission does not run it again."""
+    grid = ["training_kwargs.learning_rate=5e-4,1e30"]
+    record = run_sweep(tmp_path, "fail", *grid)
     assert_complete(Path(record["run_dirs"][0]))
-    status = sweep_cli(tmp_path, "status", "name=fail", *TINY, "data_kwargs.max_storage_gb=10,0.000001")
+    status = sweep_cli(tmp_path, "status", "name=fail", *TINY, *grid)
     assert "1 finished, 0 running, 1 failed, 0 missing" in status
     job = record["jobs"][0]["job_id"]
     log = tmp_path / f"experiments/balls_and_urns/fail/sweeps/logs/{job}_1.out"
-    assert f"log {log}" in status
+    failed_line = next(line for line in status.splitlines() if line.startswith("   1  failed"))
+    assert "failed at step 10: the training loss or gradient norm is not finite" in failed_line
+    assert f"log {log}" in failed_line
     text = log.read_text(errors="replace")
-    assert "over data_kwargs.max_storage_gb=1e-06" in text and f"log: {log}" in text
+    assert "failed with exit code 3" in text and f"log: {log}" in text and "Traceback" not in text
+    again = sweep_cli(tmp_path, "plan", "--submit", "name=fail", *TINY, *grid)
+    assert "2 point(s), 1 finished, 0 to run, 1 failed" in again and "overwrite=true" in again
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -417,3 +486,25 @@ def test_llm_eval_script_shards_a_model_over_two_slurm_tasks(cluster, tmp_path):
     assert "2 machine(s) x 1 process(es)" in text and "rank 1 holds" in text and "(fsdp)" in text, text[-3000:]
     results = list((tmp_path / "experiments/balls_and_urns/llm_eval/runs/llm-tiny").glob("*/metrics.pt"))
     assert len(results) == 1
+
+
+def test_batch_scripts_validate_once_before_starting_any_process(cluster, tmp_path):
+    """Submitted with plain sbatch (slurm/submit would refuse them before submitting): a bad override of a multi-node
+    run, and an LLM that cannot be loaded offline, end the job before srun starts any process, with exit code 2 and
+    one error line in the job's log (no traceback, no launcher summary)."""
+    from faults import one_error_line
+
+    jobs = {"multinode": ("slurm/train_multinode.sh", ["name=bad", "bogus_key=1"], "unknown key bogus_key"),
+            "llm": ("slurm/llm_eval.sh", ["experiment=llm_eval", "model_kwargs.model_path=org/absent"],
+                    "HF_HUB_OFFLINE=1 forbids downloading")}
+    for name, (script, args, message) in jobs.items():
+        out = tmp_path / f"{name}.out"
+        done = subprocess.run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1",
+                               f"--job-name=ns-bad-{name}", f"--output={out}", script, *args], cwd=ROOT,
+                              env=env_for(tmp_path, NORMSCALE_GPUS_PER_NODE="0", HF_HUB_OFFLINE="1",
+                                          HF_HOME=str(tmp_path / "hf")),
+                              capture_output=True, text=True, timeout=300)
+        text = out.read_text(errors="replace")
+        assert done.returncode == 2, text[-3000:]
+        assert message in one_error_line(text) and "ChildFailedError" not in text, text[-3000:]
+    assert not (tmp_path / "experiments").exists()  # nothing written

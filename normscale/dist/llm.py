@@ -38,7 +38,12 @@ def load_llm(config: Config, accelerator):
     if kwargs.sharding != "fsdp" and accelerator.num_processes > 1:
         raise NormscaleError(f"model_kwargs.sharding={kwargs.sharding} runs in one process, but {accelerator.num_processes} "
                              "were launched: use model_kwargs.sharding=fsdp under accelerate launch")
-    tokenizer = AutoTokenizer.from_pretrained(kwargs.model_path, trust_remote_code=kwargs.trust_remote_code)
+    try:  # the first read of the model: a hub id that does not exist, a directory without a tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(kwargs.model_path, trust_remote_code=kwargs.trust_remote_code)
+    except OSError as error:  # transformers' message: several lines, the first names the problem
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise NormscaleError(f"cannot load the tokenizer of model_kwargs.model_path={kwargs.model_path}: "
+                             f"{first}") from None
     load = {"none": _load_whole, "device_map": _load_dispatched, "fsdp": _load_sharded}[kwargs.sharding]
     model = load(config, accelerator)
     return model.eval(), tokenizer
