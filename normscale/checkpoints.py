@@ -30,6 +30,7 @@ from normscale.fileio import atomic_path, disk_full_guard, sha256_bytes, write_j
 CONFIG_FILE = "config_resolved.yaml"
 WEIGHTS = "model.safetensors"
 RESUME_LINK = "resume"
+RESUME_RECORD = "state.json"
 TRAIN_METRICS, EVAL_METRICS = "train_metrics.jsonl", "eval_metrics.jsonl"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -51,7 +52,14 @@ def write_config(run_dir: Path, config: Config, overrides: list[str]) -> None:
 
 
 def read_config(run_dir: Path) -> Config:
-    return Config.from_dict(yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()))
+    """A run's saved Config, read back through the schema (keys added to normscale since take their defaults)."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (FileNotFoundError, yaml.YAMLError) as error:
+        raise FaultError(f"{path} is missing or unreadable ({type(error).__name__}); the run cannot be trusted: "
+                         "train it again with overwrite=true") from None
+    return Config.from_dict(raw)
 
 
 def write_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -104,29 +112,86 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                               "delete the directory") from None
 
 
+def resume_states(run_dir: Path) -> list[Path]:
+    """The run's resume state directories, newest first (the `resume` link points at the newest complete one)."""
+    return sorted(Path(run_dir).glob(".resume-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+
+
 def resume_step(run_dir: Path) -> int | None:
-    """The step of the run's resume state, or None when it has none."""
-    link = Path(run_dir) / RESUME_LINK
-    return json.loads((link / "state.json").read_text())["step"] if link.exists() else None
+    """The step of the run's newest resume state with a readable record (files not verified: `choose_resume` does
+    that before loading), or None when it has none."""
+    for state in resume_states(run_dir):
+        try:
+            return json.loads((state / RESUME_RECORD).read_text())["step"]
+        except (FileNotFoundError, json.JSONDecodeError):  # a save that did not finish, or a damaged record
+            continue
+    return None
 
 
 def resume_staging(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f".resume-{step}"
 
 
-def publish_resume(run_dir: Path, step: int) -> None:
-    """Point `resume` at the staged state of `step` (written completely by every rank), then drop the old one."""
+def _file_hashes(directory: Path) -> dict[str, dict]:
+    return {p.relative_to(directory).as_posix(): {"bytes": len(data := p.read_bytes()), "sha256": sha256_bytes(data)}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != RESUME_RECORD}
+
+
+def publish_resume(run_dir: Path, step: int, info: dict) -> None:
+    """Record the staged state of `step` (written completely by every rank) with the size and sha256 of each of its
+    files, point `resume` at it, and drop every older state but the previous one (the fallback if this one is
+    found damaged)."""
     run_dir = Path(run_dir)
     staging = resume_staging(run_dir, step)
-    write_json(staging / "state.json", {"step": step})
+    with disk_full_guard(staging, "the previous resume state and every checkpoint"):
+        write_json(staging / RESUME_RECORD, {**info, "step": step, "files": _file_hashes(staging)})
     link = run_dir / RESUME_LINK
-    old = link.resolve() if link.is_symlink() else None
+    previous = link.resolve() if link.is_symlink() else None
     tmp_link = run_dir / f".{RESUME_LINK}.tmp-{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(staging.name)
     os.replace(tmp_link, link)
-    if old is not None and old != staging.resolve():
-        shutil.rmtree(old, ignore_errors=True)
+    for state in run_dir.glob(".resume-*"):
+        if state.resolve() not in (staging.resolve(), previous):
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def damage(state: Path) -> str | None:
+    """What is wrong with a resume state directory (None: intact): its record and every file it lists."""
+    try:
+        record = json.loads((state / RESUME_RECORD).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return f"{RESUME_RECORD} is missing or unreadable (a save that did not finish)"
+    for name, entry in record.get("files", {}).items():
+        path = state / name
+        if not path.is_file():
+            return f"{name} is missing"
+        data = path.read_bytes()
+        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
+            return f"{name} differs from its recorded size and sha256"
+    return None
+
+
+def choose_resume(run_dir: Path) -> tuple[Path | None, dict | None, list[str]]:
+    """(the newest intact resume state, its record, lines about damaged newer ones, which are deleted). States are
+    tried newest first; (None, None, lines) when none is intact."""
+    notes = []
+    for state in resume_states(run_dir):
+        reason = damage(state)
+        if reason is None:
+            return state, json.loads((state / RESUME_RECORD).read_text()), notes
+        notes.append(f"resume state {state.name} is damaged ({reason}); deleted")
+        shutil.rmtree(state)
+    return None, None, notes
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Drop what writers killed mid-write left behind (staged checkpoints, temporary files, unfinished resume
+    states); only the run's lock holder may call it."""
+    for path in Path(run_dir).iterdir():
+        unfinished = path.name.startswith(".resume-") and not (path / RESUME_RECORD).exists()
+        if ".tmp-" in path.name or unfinished:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def append_jsonl(path: Path, record: dict) -> None:

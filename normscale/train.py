@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -18,19 +17,22 @@ from pathlib import Path
 
 import torch
 
-import normscale
-from normscale.checkpoints import (EVAL_METRICS, TRAIN_METRICS, append_jsonl, resume_step, truncate_metrics,
+from normscale.checkpoints import (CONFIG_FILE, EVAL_METRICS, TRAIN_METRICS, append_jsonl, list_checkpoints,
+                                   read_config, remove_temporaries, resume_step, truncate_metrics,
                                    write_config)
-from normscale.config import Config
+from normscale.config import Config, ConfigError, InterruptedRunError, RunFailedError, RunHeldError
 from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
 from normscale.data.seeds import stream_seed
 from normscale.data.store import check_budget, rank_rows, to_torch
-from normscale.layout import run_name
-from normscale.dist.accel import (check_replicas_identical, finish_process, keep_freed_memory, load_resume,
-                                  make_accelerator, prepare, save_checkpoint, save_resume)
+from normscale.dist.accel import (check_replicas_identical, decided_on_main, finish_process, keep_freed_memory,
+                                  load_resume, make_accelerator, prepare, save_checkpoint, save_resume)
+from normscale.fileio import write_json
+from normscale.layout import FAILED_FILE, identity_diff, identity_hash, max_steps_change, read_failure, run_name
 from normscale.metrics import sequence_losses, task_metrics
 from normscale.model import build_model
 from normscale.model.mup import optimizer_groups
+from normscale.provenance import provenance
+from normscale.runlock import LOCK_FILE, RunLock
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -46,11 +48,12 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 / SIGUSR2 set a flag; the loop saves its resume state at the next step boundary and exits.
-    A handler installed before ours for that signal (submitit's checkpoint-and-requeue on USR2, under
-    hydra/launcher=slurm) runs once the state is saved: that is submitit's checkpoint/requeue contract."""
+    """SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT set a flag; the loop saves its resume state at the next step boundary and
+    stops (SIGINT, Ctrl-C, then exits 130). A handler installed before ours for that signal (submitit's
+    checkpoint-and-requeue on USR2, under hydra/launcher=slurm) runs once the state is saved: that is submitit's
+    checkpoint/requeue contract."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self):
         self.signum: int | None = None
@@ -60,12 +63,16 @@ class Preemption:
     def requested(self) -> bool:
         return self.signum is not None
 
+    @property
+    def interrupted(self) -> bool:
+        return self.signum == signal.SIGINT
+
     def _handle(self, signum, frame):
         self.signum = signum
 
     def hand_over(self) -> None:
         previous = self.previous.get(self.signum)
-        if callable(previous):
+        if callable(previous) and not self.interrupted:  # Python's own SIGINT handler would raise KeyboardInterrupt
             previous(self.signum, None)
 
     def restore(self) -> None:
@@ -112,34 +119,112 @@ def evaluate(model, config: Config, splits: dict, accelerator) -> dict[str, dict
     return results
 
 
-def prepare_run_dir(config: Config, run_dir: Path, accelerator) -> None:
-    if config.overwrite and accelerator.is_main_process and run_dir.exists():
-        shutil.rmtree(run_dir)
-    accelerator.wait_for_everyone()
-    run_dir.mkdir(parents=True, exist_ok=True)
+class TrainingMetrics:
+    """Per-task loss sums and counts since the last logging step, and the number of non-finite gradient norms: tensors
+    on the device, so accumulating them costs no host synchronisation. They travel with the resume state, so a run
+    resumed between logging steps writes the records an uninterrupted one would."""
+
+    def __init__(self, num_tasks: int, device):
+        self.state = {"task_loss": torch.zeros(num_tasks, device=device),
+                      "task_count": torch.zeros(num_tasks, device=device),
+                      "nonfinite_grads": torch.zeros(1, device=device)}
+
+    def add(self, task_ids: torch.Tensor, losses: torch.Tensor, grad_norm) -> None:
+        self.state["task_loss"].index_add_(0, task_ids, losses.detach().float())
+        self.state["task_count"].index_add_(0, task_ids, torch.ones_like(losses, dtype=torch.float32))
+        if grad_norm is not None:
+            self.state["nonfinite_grads"] += ~torch.isfinite(torch.as_tensor(grad_norm, device=self.state["task_loss"].device))
+
+    def load(self, state: dict[str, torch.Tensor] | None) -> None:
+        for name, tensor in (state or {}).items():
+            self.state[name].copy_(tensor)
+
+    def reduced(self, accelerator) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(per-task loss sums, counts, whether everything since the last reset is finite) over all ranks: a host
+        synchronisation, so only at logging steps and before saves."""
+        sums = accelerator.reduce(torch.cat([self.state["task_loss"], self.state["task_count"],
+                                             self.state["nonfinite_grads"]]), "sum")
+        D = len(self.state["task_loss"])
+        loss, count, nonfinite = sums[:D], sums[D:2 * D], sums[2 * D]
+        return loss, count, bool(torch.isfinite(loss).all()) and nonfinite.item() == 0
+
+    def reset(self) -> None:
+        for tensor in self.state.values():
+            tensor.zero_()
+
+
+def inspect_run(config: Config, run_dir: Path) -> int:
+    """The steps a run directory has trained (0 for a new run, or one that overwrite=true replaces), after refusing
+    what must not continue it: a failed run, another identity, a max_steps the schedule cannot follow."""
+    if config.overwrite or not (run_dir / CONFIG_FILE).exists():
+        return 0
+    failure = read_failure(run_dir)
+    if failure:
+        raise ConfigError(f"run {run_dir} failed at step {failure['step']} ({failure['reason']}); overwrite=true "
+                          "trains it again (or train the changed config under another name=)")
+    saved = read_config(run_dir)
+    differ = identity_diff(saved, config, ignore=("training_kwargs.max_steps",))
+    if differ:
+        raise ConfigError(f"run {run_dir} was trained with another config ({'; '.join(differ)}); choose another "
+                          "name= for this one, or overwrite=true to replace that run")
+    done = resume_step(run_dir) or 0
+    reason = max_steps_change(saved, config, done)
+    if reason:
+        raise ConfigError(f"run {run_dir} cannot continue: {reason}; choose another name=, or overwrite=true")
+    return done
+
+
+def replace_run(run_dir: Path) -> None:
+    """overwrite=true, once everything is validated: remove the old run's files (the lock stays, it is ours)."""
+    for path in run_dir.iterdir():
+        if path.name != LOCK_FILE:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def fail_run(run_dir: Path, step: int, last_finite: int, reason: str) -> None:
+    """Record the run as failed and drop checkpoints written after the last finite check (main process)."""
+    write_json(run_dir / FAILED_FILE, {"step": step, "last_finite_step": last_finite, "reason": reason})
+    for saved_step, path in list_checkpoints(run_dir):
+        if saved_step > last_finite:
+            shutil.rmtree(path)
 
 
 def train(config: Config, overrides: list[str]) -> Path:
     preemption = Preemption()  # first: a signal during start-up stops the run at its first step boundary
     keep_freed_memory()
     accelerator = make_accelerator(config)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    name = run_name(overrides, config.seed)
-    run_dir = config.experiment_dir / "runs" / name
-    training = config.training_kwargs
+    run_dir = config.experiment_dir / "runs" / run_name(overrides, config.seed)
     check_budget(config, plan_data(config))  # data problems surface before anything is written
-    prepare_run_dir(config, run_dir, accelerator)
-    done = resume_step(run_dir)
-    if done == training.max_steps:  # a finished sweep point: skip before touching data
-        accelerator.print(f"normscale: {run_dir} is complete ({done} steps); overwrite=true trains it again")
+    lock = RunLock(run_dir) if accelerator.is_main_process else None
+    try:
+        note = decided_on_main(accelerator, lambda: lock.acquire())
+        if note:
+            accelerator.print(f"normscale: {note}")
+        done = decided_on_main(accelerator, lambda: inspect_run(config, run_dir))
+        if done == config.training_kwargs.max_steps:  # a finished sweep point: skip before touching data
+            accelerator.print(f"normscale: {run_dir} is complete ({done} steps); overwrite=true trains it again")
+            return run_dir
+        replacing = config.overwrite and (run_dir / CONFIG_FILE).exists()
+        prepared = prepare_data(config, verify=replacing)  # one process generates, the others wait and reuse
+        if accelerator.is_main_process:
+            if replacing:
+                replace_run(run_dir)
+            remove_temporaries(run_dir)
+            write_config(run_dir, config, overrides)
+        accelerator.wait_for_everyone()
+        run_loop(config, run_dir, prepared, accelerator, preemption, lock)
+    finally:
+        if lock is not None:
+            lock.release()
         preemption.restore()
-        return run_dir
-    prepared = prepare_data(config)  # one process generates, the others wait on the lock and reuse
-    if accelerator.is_main_process:
-        write_config(run_dir, config, overrides)
+    return run_dir
+
+
+def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: Preemption, lock: RunLock | None) -> None:
+    training = config.training_kwargs
+    rank, world = accelerator.process_index, accelerator.num_processes
     accelerator.print(f"normscale: run {run_dir} on {world} process(es), {accelerator.distributed_type}, "
                       f"device {accelerator.device}")
-
     torch.manual_seed(stream_seed(config.seed, "init"))
     model = build_model(config)
     if training.compile:
@@ -149,35 +234,53 @@ def train(config: Config, overrides: list[str]) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, training.warmup_steps, training.max_steps, training.lr_schedule))
     model, optimizer, scheduler = prepare(accelerator, model, optimizer, scheduler)
-    start = load_resume(accelerator, run_dir)
+    metrics = TrainingMetrics(config.task_kwargs.num_tasks, accelerator.device)
+    start, accumulators, record = load_resume(accelerator, run_dir)
+    metrics.load(accumulators)
+    origin = provenance()
     if accelerator.is_main_process:
         truncate_metrics(run_dir, start)
     if start:
         accelerator.print(f"normscale: resumed at step {start}")
+        if record.get("provenance", origin)["code_version"] != origin["code_version"]:
+            accelerator.print(f"normscale: note: the code changed since this run was saved "
+                              f"({record['provenance']['code_version']} -> {origin['code_version']})")
 
     batches = open_train_batches(config, prepared, rank, world, accelerator.device)
     splits = {s: to_torch(a, config.setting, accelerator.device) for s, a in load_eval_splits(prepared.plan.directory).items()}
     schedule = set(config.checkpoint_steps) | {0}
-    B, D = training.batch_size, config.task_kwargs.num_tasks
-    meta = {"config_hash": hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16],
-            "code_version": normscale.__version__, "setting": config.setting, "model": config.model,
-            "batch_size": B, "world_size": world}
+    B = training.batch_size
+    identity = {"identity_hash": identity_hash(config), "provenance": origin}
+    meta = {**identity, "setting": config.setting, "model": config.model, "batch_size": B, "world_size": world}
 
     def checkpoint(step: int) -> None:
         save_checkpoint(accelerator, model, run_dir, step,
                         {**meta, "step": step, "sequences_seen": step * B, "tokens_seen": step * B * tokens_per_sequence(config)})
 
+    from tqdm.auto import tqdm
+    progress = tqdm(total=training.max_steps, initial=start, desc=f"{config.name} seed={config.seed}",
+                    dynamic_ncols=True, disable=not accelerator.is_main_process)
+    last_finite = start
+
+    def check_finite(step: int, finite: bool) -> None:
+        nonlocal last_finite
+        if finite:
+            last_finite = step
+            return
+        reason = f"the training loss or gradient norm is not finite between steps {last_finite} and {step}"
+        if accelerator.is_main_process:
+            fail_run(run_dir, step, last_finite, reason)
+        progress.close()
+        raise RunFailedError(f"run {run_dir} failed: {reason}; recorded in {FAILED_FILE}, checkpoints up to step "
+                             f"{last_finite} kept; lower training_kwargs.learning_rate, then train it again with "
+                             "overwrite=true")
+
     if start == 0:
         checkpoint(0)
-    wandb_run = init_wandb(config, run_dir, name) if config.logging.wandb and accelerator.is_main_process else None
-    task_loss = torch.zeros(D, device=accelerator.device)
-    task_count = torch.zeros(D, device=accelerator.device)
+    wandb_run = init_wandb(config, run_dir, run_dir.name) if config.logging.wandb and accelerator.is_main_process else None
     micro = training.gradient_accumulation_steps
-    progress = None
-    if accelerator.is_main_process:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=training.max_steps, initial=start, desc=f"{config.name} seed={config.seed}", dynamic_ncols=True)
     last_log = time.perf_counter()
+    done = start
 
     for step in range(start, training.max_steps):
         batch = batches.batch(step)
@@ -190,55 +293,59 @@ def train(config: Config, overrides: list[str]) -> Path:
                     if accelerator.sync_gradients else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            task_loss.index_add_(0, chunk["task_ids"], losses.detach().float())
-            task_count.index_add_(0, chunk["task_ids"], torch.ones_like(losses, dtype=torch.float32))
+            metrics.add(chunk["task_ids"], losses, grad_norm)
         scheduler.step()
         done = step + 1
-        if progress is not None:
-            progress.update(1)
+        progress.update(1)
 
-        if done % training.log_every == 0 or done == training.max_steps:
-            sums = accelerator.reduce(torch.stack([task_loss, task_count]), "sum")
-            per_task = (sums[0] / sums[1].clamp_min(1)).tolist()
-            record = {"step": done, "loss": (sums[0].sum() / sums[1].sum()).item(), "lr": scheduler.get_last_lr()[0],
+        logging_step = done % training.log_every == 0 or done == training.max_steps
+        if logging_step:
+            loss, count, finite = metrics.reduced(accelerator)
+            check_finite(done, finite)
+            record = {"step": done, "loss": (loss.sum() / count.sum()).item(), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": None if grad_norm is None else float(grad_norm),
                       "sequences_seen": done * B, "tokens_seen": done * B * tokens_per_sequence(config),
                       "seconds_per_step": (time.perf_counter() - last_log) / training.log_every,
-                      "per_task_loss": per_task, "per_task_count": sums[1].tolist()}
-            task_loss.zero_()
-            task_count.zero_()
+                      "per_task_loss": (loss / count.clamp_min(1)).tolist(), "per_task_count": count.tolist()}
+            metrics.reset()
             last_log = time.perf_counter()
             if accelerator.is_main_process:
                 append_jsonl(run_dir / TRAIN_METRICS, record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 if wandb_run:
                     wandb_run.log({k: v for k, v in record.items() if not k.startswith("per_task")}, step=done)
+                if lock.lost:
+                    progress.close()
+                    raise RunHeldError(f"run {run_dir}: another process took over its lock (this one was judged dead); "
+                                       "stopping without saving")
         if done % training.eval_every == 0 or done == training.max_steps:
             results = evaluate(model, config, splits, accelerator)
             if accelerator.is_main_process:
                 append_jsonl(run_dir / EVAL_METRICS, {"step": done, **results})
                 if wandb_run:
                     wandb_run.log({f"eval/{s}/{k}": v for s, r in results.items() for k, v in r.items()}, step=done)
+        stopping = done < training.max_steps and preemption_agreed(preemption, accelerator, done, training.log_every)
+        if (done in schedule or stopping) and not logging_step:
+            check_finite(done, metrics.reduced(accelerator)[2])  # nothing non-finite is ever saved
         if done in schedule:
             checkpoint(done)
-            save_resume(accelerator, run_dir, done)
-        if done < training.max_steps and preemption_agreed(preemption, accelerator, done, training.log_every):
-            if done not in schedule:
-                save_resume(accelerator, run_dir, done)
+        if done in schedule or stopping:
+            save_resume(accelerator, run_dir, done, metrics.state, identity)
+        if stopping:
             accelerator.print(f"normscale: preempted; resume state saved at step {done}")
             preemption.hand_over()
             break
 
-    preemption.restore()
-    if progress is not None:
-        progress.close()
+    progress.close()
     check_replicas_identical(accelerator, model)
     if wandb_run:
         wandb_run.finish()
+    if preemption.interrupted and done < training.max_steps:
+        raise InterruptedRunError(f"interrupted (Ctrl-C) at step {done}: resume state saved in {run_dir}; "
+                                  "the same command resumes it")
     if done == training.max_steps:
         summary = ", ".join(f"{s} {k} {v:.4f}" for s, r in results.items() for k, v in r.items())
         accelerator.print(f"normscale: trained {done} steps; {summary}; checkpoints in {run_dir}")
-    return run_dir
 
 
 def preemption_agreed(preemption: Preemption, accelerator, step: int, every: int) -> bool:

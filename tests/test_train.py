@@ -258,6 +258,7 @@ def test_wandb_runs_offline_without_a_key_and_a_resumed_run_continues_the_same_r
         assert run.settings.mode == "offline"
         ids.append(run.id)
         run.finish()
+        time.sleep(1.1)  # wandb names offline run folders by the second: two starts within one would share a folder
     other = tmp_path / "other"
     other.mkdir()
     run = init_wandb(config, other, "seed=0")

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -18,10 +19,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from safetensors.torch import load_file, save_file
 
-from normscale.checkpoints import publish_resume, resume_staging, resume_step, write_checkpoint
-from normscale.config import Config, NormscaleError
+from normscale.checkpoints import choose_resume, publish_resume, resume_staging, write_checkpoint
+from normscale.config import Config, ConfigError, NormscaleError
 from normscale.dist import process_info
+from normscale.fileio import disk_full_guard
 
 PRECISION = {"fp32": "no", "bf16": "bf16"}
 # glibc malloc parameters, name: (mallopt option, normscale's value); the environment variable is MALLOC_<name>_.
@@ -138,24 +141,53 @@ def save_checkpoint(accelerator: Accelerator, model, run_dir: Path, step: int, m
     accelerator.wait_for_everyone()
 
 
-def save_resume(accelerator: Accelerator, run_dir: Path, step: int) -> None:
-    """The rolling resume state (model, optimizer, scheduler, RNG; sharded as the run is) at `step`. Collective:
-    every rank writes its part into the staging directory, then the main process publishes it atomically."""
+def accumulators_file(rank: int) -> str:
+    return f"accumulators-{rank}.safetensors"
+
+
+def save_resume(accelerator: Accelerator, run_dir: Path, step: int, accumulators: dict[str, torch.Tensor],
+                info: dict) -> None:
+    """The rolling resume state at `step`: model, optimizer, scheduler, RNG (sharded as the run is), and each rank's
+    metric accumulators, so a resumed run logs exactly what an uninterrupted one would. Collective: every rank writes
+    its part into the staging directory, then the main process records their hashes and publishes it atomically."""
     staging = resume_staging(run_dir, step)
-    accelerator.save_state(str(staging))
+    if accelerator.is_main_process and staging.exists():  # left by a save that did not finish
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    with disk_full_guard(staging, "the previous resume state and every checkpoint"):
+        accelerator.save_state(str(staging))
+        save_file({k: v.detach().cpu().contiguous() for k, v in accumulators.items()},
+                  staging / accumulators_file(accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        publish_resume(run_dir, step)
+        publish_resume(run_dir, step, {**info, "world_size": accelerator.num_processes,
+                                       "distributed_type": str(accelerator.distributed_type)})
     accelerator.wait_for_everyone()
 
 
-def load_resume(accelerator: Accelerator, run_dir: Path) -> int:
-    """Restore the run's resume state if it has one; the step to continue from (0 for a fresh run)."""
-    step = resume_step(run_dir)
-    if step is None:
-        return 0
-    accelerator.load_state(str(Path(run_dir) / "resume"))
-    return step
+def load_resume(accelerator: Accelerator, run_dir: Path) -> tuple[int, dict[str, torch.Tensor] | None, dict | None]:
+    """Restore the newest intact resume state (damaged newer ones are named and deleted by the main process):
+    (step to continue from, this rank's metric accumulators, the state's record); (0, None, None) when none."""
+    chosen = None
+    if accelerator.is_main_process:
+        state, record, notes = choose_resume(run_dir)
+        for note in notes:
+            print(f"normscale: {note}", flush=True)
+        chosen = None if state is None else (state.name, record)
+    chosen = broadcast_from_main(accelerator, chosen)
+    if chosen is None:
+        return 0, None, None
+    name, record = chosen
+    saved = (record.get("world_size", accelerator.num_processes),
+             record.get("distributed_type", str(accelerator.distributed_type)))
+    if saved != (accelerator.num_processes, str(accelerator.distributed_type)):
+        raise ConfigError(f"the resume state of {run_dir} was saved by {saved[0]} process(es) ({saved[1]}); this "
+                          f"launch has {accelerator.num_processes} ({accelerator.distributed_type}): launch it as it "
+                          "was saved, or start over with overwrite=true")
+    state = Path(run_dir) / name
+    accelerator.load_state(str(state))
+    accumulators = state / accumulators_file(accelerator.process_index)
+    return record["step"], load_file(accumulators) if accumulators.exists() else None, record
 
 
 def check_replicas_identical(accelerator: Accelerator, model) -> None:
@@ -208,3 +240,18 @@ def broadcast_from_main(accelerator: Accelerator, obj):
     holder = [obj]
     torch.distributed.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def decided_on_main(accelerator: Accelerator, decide):
+    """`decide()` run by the main process alone, its result on every rank; a NormscaleError it raises is raised on
+    every rank (so all exit with its code, and only the main process holds run-directory side effects)."""
+    outcome = None
+    if accelerator.is_main_process:
+        try:
+            outcome = (None, decide())
+        except NormscaleError as error:
+            outcome = (type(error), str(error))
+    error_type, value = broadcast_from_main(accelerator, outcome)
+    if error_type is not None:
+        raise error_type(value)
+    return value
