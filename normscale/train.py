@@ -270,7 +270,6 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
         reason = f"the training loss or gradient norm is not finite between steps {last_finite} and {step}"
         if accelerator.is_main_process:
             fail_run(run_dir, step, last_finite, reason)
-        progress.close()
         raise RunFailedError(f"run {run_dir} failed: {reason}; recorded in {FAILED_FILE}, checkpoints up to step "
                              f"{last_finite} kept; lower training_kwargs.learning_rate, then train it again with "
                              "overwrite=true")
@@ -282,61 +281,60 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
     last_log = time.perf_counter()
     done = start
 
-    for step in range(start, training.max_steps):
-        batch = batches.batch(step)
-        for part in range(micro):
-            chunk = {n: t.chunk(micro)[part] for n, t in batch.items()}
-            with accelerator.accumulate(model):
-                losses = sequence_losses(config.setting, model(chunk), chunk)
-                accelerator.backward(losses.mean())
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm) \
-                    if accelerator.sync_gradients else None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            metrics.add(chunk["task_ids"], losses, grad_norm)
-        scheduler.step()
-        done = step + 1
-        progress.update(1)
+    with progress:  # closed before any error line is printed
+        for step in range(start, training.max_steps):
+            batch = batches.batch(step)
+            for part in range(micro):
+                chunk = {n: t.chunk(micro)[part] for n, t in batch.items()}
+                with accelerator.accumulate(model):
+                    losses = sequence_losses(config.setting, model(chunk), chunk)
+                    accelerator.backward(losses.mean())
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm) \
+                        if accelerator.sync_gradients else None
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                metrics.add(chunk["task_ids"], losses, grad_norm)
+            scheduler.step()
+            done = step + 1
+            progress.update(1)
 
-        logging_step = done % training.log_every == 0 or done == training.max_steps
-        if logging_step:
-            loss, count, finite = metrics.reduced(accelerator)
-            check_finite(done, finite)
-            record = {"step": done, "loss": (loss.sum() / count.sum()).item(), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "sequences_seen": done * B, "tokens_seen": done * B * tokens_per_sequence(config),
-                      "seconds_per_step": (time.perf_counter() - last_log) / training.log_every,
-                      "per_task_loss": (loss / count.clamp_min(1)).tolist(), "per_task_count": count.tolist()}
-            metrics.reset()
-            last_log = time.perf_counter()
-            if accelerator.is_main_process:
-                append_jsonl(run_dir / TRAIN_METRICS, record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-                if wandb_run:
-                    wandb_run.log({k: v for k, v in record.items() if not k.startswith("per_task")}, step=done)
-                if lock.lost:
-                    progress.close()
-                    raise RunHeldError(f"run {run_dir}: another process took over its lock (this one was judged dead); "
-                                       "stopping without saving")
-        if done % training.eval_every == 0 or done == training.max_steps:
-            results = evaluate(model, config, splits, accelerator)
-            if accelerator.is_main_process:
-                append_jsonl(run_dir / EVAL_METRICS, {"step": done, **results})
-                if wandb_run:
-                    wandb_run.log({f"eval/{s}/{k}": v for s, r in results.items() for k, v in r.items()}, step=done)
-        stopping = done < training.max_steps and preemption_agreed(preemption, accelerator, done, training.log_every)
-        if (done in schedule or stopping) and not logging_step:
-            check_finite(done, metrics.reduced(accelerator)[2])  # nothing non-finite is ever saved
-        if done in schedule:
-            checkpoint(done)
-        if done in schedule or stopping:
-            save_resume(accelerator, run_dir, done, metrics.state, identity)
-        if stopping:
-            accelerator.print(f"normscale: preempted; resume state saved at step {done}")
-            preemption.hand_over()
-            break
+            logging_step = done % training.log_every == 0 or done == training.max_steps
+            if logging_step:
+                loss, count, finite = metrics.reduced(accelerator)
+                check_finite(done, finite)
+                record = {"step": done, "loss": (loss.sum() / count.sum()).item(), "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "sequences_seen": done * B, "tokens_seen": done * B * tokens_per_sequence(config),
+                          "seconds_per_step": (time.perf_counter() - last_log) / training.log_every,
+                          "per_task_loss": (loss / count.clamp_min(1)).tolist(), "per_task_count": count.tolist()}
+                metrics.reset()
+                last_log = time.perf_counter()
+                if accelerator.is_main_process:
+                    append_jsonl(run_dir / TRAIN_METRICS, record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    if wandb_run:
+                        wandb_run.log({k: v for k, v in record.items() if not k.startswith("per_task")}, step=done)
+                    if lock.lost:
+                            raise RunHeldError(f"run {run_dir}: another process took over its lock (this one was judged dead); "
+                                           "stopping without saving")
+            if done % training.eval_every == 0 or done == training.max_steps:
+                results = evaluate(model, config, splits, accelerator)
+                if accelerator.is_main_process:
+                    append_jsonl(run_dir / EVAL_METRICS, {"step": done, **results})
+                    if wandb_run:
+                        wandb_run.log({f"eval/{s}/{k}": v for s, r in results.items() for k, v in r.items()}, step=done)
+            stopping = done < training.max_steps and preemption_agreed(preemption, accelerator, done, training.log_every)
+            if (done in schedule or stopping) and not logging_step:
+                check_finite(done, metrics.reduced(accelerator)[2])  # nothing non-finite is ever saved
+            if done in schedule:
+                checkpoint(done)
+            if done in schedule or stopping:
+                save_resume(accelerator, run_dir, done, metrics.state, identity)
+            if stopping:
+                accelerator.print(f"normscale: preempted; resume state saved at step {done}")
+                preemption.hand_over()
+                break
 
-    progress.close()
     check_replicas_identical(accelerator, model)
     if wandb_run:
         wandb_run.finish()

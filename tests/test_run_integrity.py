@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, run_module, small_config
-from faults import flip, one_error_line, tree_bytes, truncate
+from faults import flip, one_error_line, run_on_small_disk, tree_bytes, truncate
 
 from normscale.checkpoints import list_checkpoints, load_checkpoint, read_jsonl, resume_step
 from normscale.layout import FAILED_FILE
@@ -348,3 +348,43 @@ def test_chaos_sigkill_at_random_moments_and_inside_writes_ends_bit_identical(tm
     for name in ("train_metrics.jsonl", "eval_metrics.jsonl"):
         assert records(run_dir, name) == records(reference, name)
     assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name]  # no temporary file outlives its writer
+
+
+def test_a_full_disk_stops_training_with_one_line_and_keeps_what_was_finished(tmp_path):
+    """CACHE_DIR on a 1 MiB tmpfs (its own mount namespace): the data fit, the checkpoints do not. Training stops with
+    exit 1 and one line naming the path and what was kept; every checkpoint left loads and verifies, and the resume
+    state chosen from what is left is intact (copied out of the namespace before it vanishes)."""
+    small, kept = tmp_path / "small", tmp_path / "kept"
+    command = " ".join(["python", "-m", "normscale.train", *TINY, "training_kwargs.max_steps=400"])
+    script = (f"CACHE_DIR={small} {command} 2> {tmp_path}/stderr; echo $? > {tmp_path}/rc; "
+              f"cp -a {small} {kept}")
+    result = run_on_small_disk(small, "1m", ["sh", "-c", script], env={"PATH": f"{Path(sys.executable).parent}:"
+                                                                       f"{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    stderr = (tmp_path / "stderr").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "1", stderr[-3000:]
+    line = one_error_line(stderr)
+    assert "no space left on the device writing" in line and str(small) in line and "are kept" in line, line
+    run_dir = the_run(kept)
+    steps = [s for s, _ in list_checkpoints(run_dir)]
+    assert steps and steps[-1] < 400
+    all_checkpoints(run_dir)  # every finished checkpoint verifies against its recorded hash
+    from normscale.checkpoints import choose_resume
+    state, record, notes = choose_resume(run_dir)
+    assert state is not None and record["step"] <= steps[-1], notes
+
+
+def test_a_resume_under_another_world_size_is_refused(tmp_path):
+    """Saved by one process, resumed by two (launch/cpu.sh): refused with one line, exit 2, the state untouched."""
+    cache = tmp_path / "cache"
+    proc = start(cache, "training_kwargs.max_steps=400")
+    wait_for(lambda: list(cache.glob("experiments/*/t/runs/*/resume/state.json")))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 0
+    before = tree_bytes(the_run(cache))
+    result = subprocess.run(["bash", "launch/cpu.sh", "2", "-m", "normscale.train", *TINY, "training_kwargs.max_steps=400"],
+                            cwd=ROOT, env={**os.environ, "CACHE_DIR": str(cache), "PYTHON": sys.executable},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "was saved by 1 process(es)" in one_error_line(result.stderr)
+    assert tree_bytes(the_run(cache)) == before
