@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 .PHONY: install demo test bench
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py tools/install.sh
+$(VENV)/.installed: setup.py tools/install.sh tools/constraints.txt
 	bash tools/install.sh $(VENV)
 	touch $@
 
@@ -27,3 +27,4 @@ bench: install
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_llm.py
+	$(PY) bench/bench_integrity.py
