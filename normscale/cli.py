@@ -191,11 +191,12 @@ def check_llm_path(config: Config) -> None:
 
 def hub_cached(repo_id: str) -> bool:
     """Whether the hub cache (HF_HOME / HF_HUB_CACHE) holds `repo_id`'s config.json."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
+    try:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # no huggingface_hub, or an id it does not accept: not cached
+    except HFValidationError:  # an id the hub does not accept cannot be cached
         return False
 
 

@@ -28,6 +28,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
 PARAMETRIZATIONS = ("sp", "mup")
 EVAL_MODES = ("standard", "single_task")
+MAX_LEARNING_RATE = 1e30
 
 
 class NormscaleError(Exception):
@@ -188,8 +189,16 @@ class TrainingConfig:
     save_steps: SaveSteps = field(default_factory=SaveSteps)
 
     def check(self, key: str) -> None:
-        if self.learning_rate <= 0:
-            raise ConfigError(f"{key}.learning_rate={self.learning_rate!r} must be > 0")
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise ConfigError(f"{key}.learning_rate={self.learning_rate!r} must be > 0 and <= {MAX_LEARNING_RATE:g} "
+                              "(beyond it AdamW's float32 step size overflows)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)!r} must be in [0, 1)")
+        for name in ("weight_decay", "adam_eps"):
+            _at_least(f"{key}.{name}", getattr(self, name), 0)
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"{key}.max_grad_norm={self.max_grad_norm!r} must be > 0 (the gradient-clipping norm)")
         for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "eval_every", "log_every"):
             _at_least(f"{key}.{name}", getattr(self, name), 1)
         _at_least(f"{key}.warmup_steps", self.warmup_steps, 0)

@@ -226,7 +226,7 @@ def test_overwrite_verifies_the_data_before_replacing_the_run(tmp_path):
 def test_a_non_finite_loss_fails_the_run_with_exit_3_and_it_is_not_trained_again(tmp_path):
     cache = tmp_path / "cache"
     result = train(cache, "training_kwargs.max_steps=50", "training_kwargs.log_every=10",
-                   "training_kwargs.learning_rate=1e36", "training_kwargs.warmup_steps=0", expect=3)
+                   "training_kwargs.learning_rate=1e30", "training_kwargs.warmup_steps=0", expect=3)
     line = one_error_line(result.stderr)
     assert "not finite" in line and FAILED_FILE in line and "overwrite=true" in line
     run_dir = the_run(cache)
@@ -235,7 +235,7 @@ def test_a_non_finite_loss_fails_the_run_with_exit_3_and_it_is_not_trained_again
     assert [s for s, _ in list_checkpoints(run_dir)] == [0]  # nothing non-finite was saved
     assert all(torch.isfinite(t).all() for t in load_checkpoint(run_dir / "checkpoint-0")[0].values())
     again = train(cache, "training_kwargs.max_steps=50", "training_kwargs.log_every=10",
-                  "training_kwargs.learning_rate=1e36", "training_kwargs.warmup_steps=0", expect=2)
+                  "training_kwargs.learning_rate=1e30", "training_kwargs.warmup_steps=0", expect=2)
     assert "failed at step 10" in one_error_line(again.stderr)
 
 
@@ -388,3 +388,39 @@ def test_a_resume_under_another_world_size_is_refused(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "was saved by 1 process(es)" in one_error_line(result.stderr)
     assert tree_bytes(the_run(cache)) == before
+
+
+def test_a_two_process_run_holds_one_lock_and_refuses_a_second_launch(tmp_path):
+    """launch/cpu.sh 2: rank 0 holds the run's one lock (recorded with its own pid); another launch of the run exits
+    75 naming it."""
+    cache = tmp_path / "cache"
+    launcher = subprocess.Popen(["bash", "launch/cpu.sh", "2", "-m", "normscale.train", *TINY,
+                                 "training_kwargs.max_steps=20000"], cwd=ROOT, start_new_session=True,
+                                env={**os.environ, "CACHE_DIR": str(cache), "PYTHON": sys.executable},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: list(cache.glob(f"experiments/*/t/runs/*/{LOCK_FILE}")))
+        run_dir = the_run(cache)
+        holder = json.loads((run_dir / LOCK_FILE).read_text())["pid"]
+        assert holder != launcher.pid and Path(f"/proc/{holder}").exists()  # a worker (rank 0), not the launcher
+        result = train(cache, "training_kwargs.max_steps=20000", expect=75)
+        assert f"pid {holder}" in one_error_line(result.stderr)
+        assert [p.name for p in run_dir.iterdir() if "lock" in p.name] == [LOCK_FILE]
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+
+
+def test_a_run_resumed_under_other_code_says_so(tmp_path):
+    cache = tmp_path / "cache"
+    proc = start(cache, "training_kwargs.max_steps=400")
+    wait_for(lambda: list(cache.glob("experiments/*/t/runs/*/resume/state.json")))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 0
+    record_path = (the_run(cache) / "resume").resolve() / "state.json"
+    record = json.loads(record_path.read_text())
+    assert record["provenance"]["libraries"]["torch"] == torch.__version__
+    record["provenance"]["code_version"] = "git:0000000"
+    record_path.write_text(json.dumps(record))  # the record is not among the hashed files
+    result = train(cache, "training_kwargs.max_steps=400")
+    assert "the code changed since this run was saved (git:0000000 -> " in result.stdout
