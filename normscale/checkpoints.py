@@ -12,7 +12,6 @@ No Accelerate here: the collective parts (gathering weights, save_state) live in
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -20,17 +19,15 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from normscale.config import Config, FaultError
+from normscale.config import FaultError
 from normscale.fileio import atomic_path, disk_full_guard, sha256_bytes, write_json
+from normscale.layout import (CONFIG_FILE, RESUME_LINK, RESUME_RECORD, read_config, resume_states,  # noqa: F401
+                              resume_step, write_config)
 
-CONFIG_FILE = "config_resolved.yaml"
 WEIGHTS = "model.safetensors"
-RESUME_LINK = "resume"
-RESUME_RECORD = "state.json"
 TRAIN_METRICS, EVAL_METRICS = "train_metrics.jsonl", "eval_metrics.jsonl"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -43,23 +40,6 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run, by step."""
     found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
     return sorted(found)
-
-
-def write_config(run_dir: Path, config: Config, overrides: list[str]) -> None:
-    text = f"# overrides: {' '.join(overrides)}\n" + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
-    with atomic_path(Path(run_dir) / CONFIG_FILE) as tmp:
-        tmp.write_text(text)
-
-
-def read_config(run_dir: Path) -> Config:
-    """A run's saved Config, read back through the schema (keys added to normscale since take their defaults)."""
-    path = Path(run_dir) / CONFIG_FILE
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (FileNotFoundError, yaml.YAMLError) as error:
-        raise FaultError(f"{path} is missing or unreadable ({type(error).__name__}); the run cannot be trusted: "
-                         "train it again with overwrite=true") from None
-    return Config.from_dict(raw)
 
 
 def write_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -110,22 +90,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except SafetensorError as error:
         raise CheckpointError(f"checkpoint {path} is damaged: {WEIGHTS} does not load ({error}); "
                               "delete the directory") from None
-
-
-def resume_states(run_dir: Path) -> list[Path]:
-    """The run's resume state directories, newest first (the `resume` link points at the newest complete one)."""
-    return sorted(Path(run_dir).glob(".resume-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
-
-
-def resume_step(run_dir: Path) -> int | None:
-    """The step of the run's newest resume state with a readable record (files not verified: `choose_resume` does
-    that before loading), or None when it has none."""
-    for state in resume_states(run_dir):
-        try:
-            return json.loads((state / RESUME_RECORD).read_text())["step"]
-        except (FileNotFoundError, json.JSONDecodeError):  # a save that did not finish, or a damaged record
-            continue
-    return None
 
 
 def resume_staging(run_dir: Path, step: int) -> Path:

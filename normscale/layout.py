@@ -17,7 +17,8 @@ import json
 import re
 from pathlib import Path
 
-from normscale.config import Config
+from normscale.config import Config, FaultError
+from normscale.fileio import atomic_path
 
 # Sections and keys that define what is trained; a whole section is named by itself.
 IDENTITY_KEYS = (
@@ -37,6 +38,8 @@ IDENTITY_GROUPS = ("model", "training")
 
 RUN_NAME_MAX = 200  # file names may have 255 bytes
 
+CONFIG_FILE = "config_resolved.yaml"  # the run's Config; its first line lists the overrides
+RESUME_LINK, RESUME_RECORD = "resume", "state.json"  # resume -> .resume-<step>/, whose state.json records it
 FAILED_FILE = "failed.json"  # a run that diverged: {"step", "reason"}; training it again needs overwrite=true
 
 
@@ -118,3 +121,41 @@ def run_name(overrides: list[str], seed: int) -> str:
         digest = hashlib.sha256(pairs.encode()).hexdigest()[:16]
         pairs = f"{pairs[:RUN_NAME_MAX - len(seed_part) - 18]}-{digest}"
     return f"{pairs},{seed_part}" if pairs else seed_part
+
+
+def write_config(run_dir: Path, config: Config, overrides: list[str]) -> None:
+    """config_resolved.yaml: the overrides as a comment, then the whole Config (written atomically)."""
+    import yaml
+
+    text = f"# overrides: {' '.join(overrides)}\n" + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    with atomic_path(Path(run_dir) / CONFIG_FILE) as tmp:
+        tmp.write_text(text)
+
+
+def read_config(run_dir: Path) -> Config:
+    """A run's saved Config, read back through the schema (keys added to normscale since take their defaults)."""
+    import yaml
+
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (FileNotFoundError, yaml.YAMLError) as error:
+        raise FaultError(f"{path} is missing or unreadable ({type(error).__name__}); the run cannot be trusted: "
+                         "train it again with overwrite=true") from None
+    return Config.from_dict(raw)
+
+
+def resume_states(run_dir: Path) -> list[Path]:
+    """The run's resume state directories, newest first (the `resume` link points at the newest complete one)."""
+    return sorted(Path(run_dir).glob(".resume-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+
+
+def resume_step(run_dir: Path) -> int | None:
+    """The step of the run's newest resume state with a readable record (files not verified: `choose_resume` does
+    that before loading), or None when it has none."""
+    for state in resume_states(run_dir):
+        try:
+            return json.loads((state / RESUME_RECORD).read_text())["step"]
+        except (FileNotFoundError, json.JSONDecodeError):  # a save that did not finish, or a damaged record
+            continue
+    return None

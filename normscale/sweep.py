@@ -36,13 +36,12 @@ from pathlib import Path
 
 from normscale.config import Config, NormscaleError
 from normscale.fileio import write_json
-from normscale.layout import FAILED_FILE, identity_diff, max_steps_change, read_failure, run_name
+from normscale.layout import (CONFIG_FILE, FAILED_FILE, identity_diff, max_steps_change, read_config,
+                              read_failure, resume_step, run_name)
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_SCRIPT = ROOT / "slurm" / "sweep.sh"
 DEFAULT_MAX_ARRAY_SIZE = 1001
-RESUME_STATE = "resume/state.json"  # normscale.checkpoints' layout (not imported: it imports torch)
-CONFIG_FILE = "config_resolved.yaml"  # normscale.checkpoints.CONFIG_FILE
 SKIPPED = ("finished", "failed", "conflict")  # states `plan --submit` does not submit
 FIX = "overwrite=true trains such a point again, or choose another name= for this sweep"
 
@@ -55,12 +54,8 @@ class Point:
     config: Config | None = None  # the point's own config (its identity is compared with the run directory's)
 
     def step(self) -> int | None:
-        """The step of the run's resume state (None: there is none, or its record is unreadable: normscale.train
-        then falls back to the previous state)."""
-        try:
-            return int(json.loads((self.run_dir / RESUME_STATE).read_text())["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        """The step of the run's resume state (None: there is none)."""
+        return resume_step(self.run_dir)
 
     def failure(self) -> str | None:
         """Why the run failed (failed.json: a non-finite loss), or None."""
@@ -77,8 +72,8 @@ class Point:
         if self.config is None or not (self.run_dir / CONFIG_FILE).exists():
             return []
         try:
-            saved = saved_config(self.run_dir)
-        except (NormscaleError, OSError, ValueError, TypeError) as error:
+            saved = read_config(self.run_dir)
+        except NormscaleError as error:  # unreadable or no longer a valid config: shown as the conflict it is
             return [f"{CONFIG_FILE} cannot be read back ({' '.join(str(error).split())[:200]})"]
         differ = identity_diff(saved, self.config, ignore=("training_kwargs.max_steps",))
         if differ:
@@ -108,15 +103,6 @@ class Point:
             failure = self.failure()
             return "overwrite=true trains it again: " + (f"failed {failure}" if failure else "; ".join(self.conflict()))
         return ""
-
-
-def saved_config(run_dir: Path) -> Config:
-    """A run's config_resolved.yaml read back through the schema, as normscale.checkpoints.read_config does (which
-    imports torch): YAML after the first line, a comment with the overrides."""
-    import yaml
-
-    text = (Path(run_dir) / CONFIG_FILE).read_text()
-    return Config.from_dict(yaml.safe_load(text.split("\n", 1)[1] if text.startswith("#") else text))
 
 
 def compose(overrides: list[str], hydra_config: bool = False):
