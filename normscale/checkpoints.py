@@ -53,8 +53,11 @@ def write_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tenso
         weights = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
         (staging / WEIGHTS).write_bytes(weights)
         write_json(staging / "meta.json", {**meta, "files": {WEIGHTS: {"bytes": len(weights), "sha256": sha256_bytes(weights)}}})
-    if final.exists():  # rewritten after a resume: same step, same weights
-        shutil.rmtree(final)
+    if final.exists():  # written again after a resume: the same weights; keep it with its metrics.pt
+        if read_checkpoint_meta(final).get("files") == read_checkpoint_meta(staging)["files"]:
+            shutil.rmtree(staging)
+            return final
+        shutil.rmtree(final)  # different weights (a damaged copy, or another code version): replaced
     os.replace(staging, final)
     return final
 
@@ -110,7 +113,7 @@ def publish_resume(run_dir: Path, step: int, info: dict) -> None:
     with disk_full_guard(staging, "the previous resume state and every checkpoint"):
         write_json(staging / RESUME_RECORD, {**info, "step": step, "files": _file_hashes(staging)})
     link = run_dir / RESUME_LINK
-    previous = link.resolve() if link.is_symlink() else None
+    previous = next((p.resolve() for p in resume_states(run_dir) if p != staging and (p / RESUME_RECORD).exists()), None)
     tmp_link = run_dir / f".{RESUME_LINK}.tmp-{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(staging.name)
@@ -164,6 +167,17 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
+def intact_records(path: Path) -> tuple[list[dict], int]:
+    """(the records of a metrics file that parse, how many lines do not): a line cut short by a kill, or damaged."""
+    records, damaged = [], 0
+    for line in Path(path).read_bytes().splitlines():
+        try:
+            records.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            damaged += 1
+    return records, damaged
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a metrics file; a last line cut short by a kill is ignored."""
     if not Path(path).exists():
@@ -183,6 +197,9 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     for name in (TRAIN_METRICS, EVAL_METRICS):
         path = Path(run_dir) / name
         if path.exists():
-            kept = [r for r in read_jsonl(path) if r["step"] <= step]
+            records, damaged = intact_records(path)
+            if damaged:
+                print(f"normscale: {path} had {damaged} damaged line(s); dropped, the intact records are kept", flush=True)
+            kept = [r for r in records if r["step"] <= step]
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))

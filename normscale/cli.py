@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from normscale.config import (Config, ConfigError, NormscaleError, RunHeldError, resolve_cache_dir,
-                              schema_keys)
+from normscale.config import (Config, ConfigError, NormscaleError, RunFailedError, RunHeldError, RunRefusedError,
+                              resolve_cache_dir, schema_keys)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SITE_ENV = CONF_DIR.parent / "slurm" / "site.env"
@@ -255,10 +255,16 @@ def load_env() -> None:
     load_dotenv(SITE_ENV)  # SLURM site settings (partition, account, ...) for the sweep planner and hydra/launcher=slurm
 
 
+# In a `-m` sweep these end one point, not the sweep: the point is skipped with its line, the others go on, and
+# the command ends with the most telling code among them (a failed run, then a refused one, then a held one).
+SKIPPABLE = (RunFailedError, RunRefusedError, RunHeldError)
+
+
 def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
     """Run `entry(config)` under Hydra (single run or `-m` sweep), or `entry(config, overrides)` with the job's
     command-line overrides (they name run directories). A NormscaleError exits with its code and one line; in a
-    `-m` sweep a run held by another process is skipped with its line, and the sweep ends with 75 and the list."""
+    `-m` sweep a point that is held elsewhere, refused or failed is skipped with its line, and the sweep ends with
+    that code (3, 2, then 75) and the list of skipped points."""
     import hydra
 
     load_env()
@@ -266,7 +272,7 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
         check_overrides(sys.argv[1:])
     except ConfigError as error:
         fail(str(error))
-    held: list[str] = []
+    skipped: list[tuple[int, str]] = []
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _main(cfg) -> Any:
@@ -280,11 +286,11 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
             if with_overrides:
                 return entry(config, list(hydra_config.overrides.task))
             return entry(config)
-        except RunHeldError as error:
+        except SKIPPABLE as error:
             if hydra_config.mode != RunMode.MULTIRUN:
                 fail(str(error), error.exit_code)
             print(f"normscale: skipped: {error}", file=sys.stderr, flush=True)
-            held.append(" ".join(hydra_config.overrides.task))
+            skipped.append((error.exit_code, " ".join(hydra_config.overrides.task)))
         except NormscaleError as error:
             fail(str(error), error.exit_code)
         except OSError as error:
@@ -293,12 +299,16 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
             fail(f"no space left on the device ({error.filename or 'while writing'}): files are written atomically, "
                  "so finished ones are kept and nothing is half-written; free space and run the same command again", 1)
         except KeyboardInterrupt:
-            fail("interrupted (Ctrl-C) before training started; nothing of this command was kept half-written", 130)
+            fail("interrupted (Ctrl-C): finished files are kept and nothing is half-written; the same command goes "
+                 "on from there", 130)
 
     _main()
-    if held:
-        fail(f"{len(held)} sweep point(s) skipped because another process holds them: " + "; ".join(held),
-             RunHeldError.exit_code)
+    if skipped:
+        why = {RunFailedError.exit_code: "failed", RunRefusedError.exit_code: "refused", RunHeldError.exit_code: "held"}
+        code = next(c for c in (RunFailedError.exit_code, RunRefusedError.exit_code, RunHeldError.exit_code)
+                    if c in {c for c, _ in skipped})
+        fail(f"{len(skipped)} sweep point(s) skipped, each named above: "
+             + "; ".join(f"{points} ({why[c]})" for c, points in skipped), code)
 
 
 def launch_cpu(num_processes: str, args: list[str]) -> None:

@@ -159,16 +159,17 @@ def verified_metrics(experiment_dir: Path, new: list[tuple[str, str, str, Path]]
     configs = {}
     for run, entry, mode, path in new:
         run_dir = experiment_dir / "runs" / run
-        if run not in configs:
-            configs[run] = read_config(run_dir)
         try:
+            if run not in configs:
+                configs[run] = read_config(run_dir)
             metrics = load_metrics(path)
             made_for, identity = metrics.get("identity_hash"), identity_hash(configs[run])
             if made_for is not None and made_for != identity:
                 raise MetricsError(f"{path} was evaluated for another run identity ({made_for}) than "
                                    f"{run_dir / CONFIG_FILE} describes ({identity})")
-        except MetricsError as error:
-            print(f"normscale: skipped: {error}; python -m normscale.eval evaluates it again", file=sys.stderr,
+        except NormscaleError as error:  # MetricsError, or its run's config cannot be read back
+            hint = "; python -m normscale.eval evaluates it again" if isinstance(error, MetricsError) else ""
+            print(f"normscale: skipped: {error}{hint}", file=sys.stderr,
                   flush=True)
             skipped.append(path.relative_to(experiment_dir).as_posix())
             continue

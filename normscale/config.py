@@ -43,6 +43,11 @@ class ConfigError(NormscaleError, ValueError):
     """A configuration value or key that cannot be used; the message names the key and the fix."""
 
 
+class RunRefusedError(ConfigError):
+    """A run directory this config must not train: another identity, a failed run, a max_steps the schedule cannot
+    follow. In a `-m` sweep the point is skipped and the others go on."""
+
+
 class FaultError(NormscaleError):
     """A fault met while running (a damaged file found mid-way, a full disk): what was kept is named."""
 

@@ -323,6 +323,19 @@ def trained_runs(config: Config) -> list[Path]:
     return chosen
 
 
+def saved_configs(runs: list[Path], say: Callable[[str], None]) -> tuple[dict[Path, Config], list[str]]:
+    """({run: its saved config}, names of the runs whose config_resolved.yaml cannot be read back: each is named
+    through `say` and left out, so one damaged run does not stop the experiment's evaluation)."""
+    configs, unreadable = {}, []
+    for run in runs:
+        try:
+            configs[run] = read_config(run)
+        except NormscaleError as error:
+            say(f"normscale: skipped: {error}")
+            unreadable.append(run.name)
+    return configs, unreadable
+
+
 def with_eval_kwargs(run_config: Config, config: Config, **changes) -> Config:
     """A run's own config (task, data, model) with the evaluation settings and the CACHE_DIR of this command (an
     experiment directory may have moved since training)."""
@@ -345,7 +358,9 @@ def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
                              "with model=bayes")
     filename = METRICS_FILES[config.eval_kwargs.mode]
     wanted = eval_settings(dataclasses.asdict(config.eval_kwargs), config.model)
-    identities = {run: identity_hash(read_config(run)) for run in runs}
+    saved, unreadable = saved_configs(runs, lambda line: accelerator.is_main_process and print(line, file=sys.stderr))
+    runs = list(saved)
+    identities = {run: identity_hash(saved[run]) for run in runs}
     todo = None
     if accelerator.is_main_process:  # decided once: checkpoints may appear while a run is still training
         todo = []
@@ -367,10 +382,10 @@ def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
     todo = broadcast_from_main(accelerator, todo)
     accelerator.print(f"normscale: evaluating {len(todo)} checkpoint(s) of {len(runs)} run(s) "
                       f"({config.eval_kwargs.mode} mode)")
-    evaluator, written, skipped, run_configs = None, [], [], {}
+    evaluator, written, skipped, run_configs = None, [], list(unreadable), {}
     for run, step in todo:
         if run not in run_configs:
-            run_configs[run] = with_eval_kwargs(read_config(run), config)
+            run_configs[run] = with_eval_kwargs(saved[run], config)
         run_config = run_configs[run]
         checkpoint = run / f"checkpoint-{step}"
         loaded, problem = None, None
@@ -422,7 +437,7 @@ def verified_checkpoint(path: Path, identity: str) -> tuple[dict[str, torch.Tens
 def experiment_datasets(config: Config, **changes) -> list[tuple[Path, Config]]:
     """Every dataset the experiment's trained runs used (the config's own when nothing is trained), each with a
     config for it: the run's task and data, this command's eval_kwargs, CACHE_DIR and `changes`."""
-    sources = [read_config(run) for run in trained_runs(config)] or [config]
+    sources = list(saved_configs(trained_runs(config), lambda line: print(line, file=sys.stderr))[0].values()) or [config]
     datasets: dict[Path, Config] = {}
     for source in sources:
         datasets.setdefault(plan_data(source).directory, with_eval_kwargs(source, config, **changes))

@@ -55,7 +55,10 @@ def is_identity_key(key: str) -> bool:
 
 
 def identity_hash(config: Config) -> str:
-    return hashlib.sha256(json.dumps(identity(config), sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of the identity, recorded in checkpoints, resume states and metrics files. max_steps is left
+    out: it may grow (`max_steps_change`), and the checkpoints and states written before stay the run's own."""
+    kept = {k: v for k, v in identity(config).items() if k != "training_kwargs.max_steps"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def identity_diff(saved: Config, wanted: Config, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -91,8 +94,18 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def read_failure(run_dir: Path) -> dict | None:
+    """The run's failure record ({"step", "reason", ...}), or None when it has not failed. A damaged record still
+    marks the run as failed (only a failing run writes one)."""
     path = Path(run_dir) / FAILED_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        record = {}
+    return {"step": "?", "reason": f"{FAILED_FILE} is damaged", **record}
 
 
 def naming_overrides(overrides: list[str]) -> dict[str, str]:
@@ -142,6 +155,9 @@ def read_config(run_dir: Path) -> Config:
     except (FileNotFoundError, yaml.YAMLError) as error:
         raise FaultError(f"{path} is missing or unreadable ({type(error).__name__}); the run cannot be trusted: "
                          "train it again with overwrite=true") from None
+    if not isinstance(raw, dict):
+        raise FaultError(f"{path} holds no config (it is empty or damaged); the run cannot be trusted: train it again "
+                         "with overwrite=true")
     return Config.from_dict(raw)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,9 +19,13 @@ def code_version() -> str:
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(CHECKOUT), *args], capture_output=True, text=True)
 
-    head = git("rev-parse", "HEAD") if (CHECKOUT / ".git").exists() else None
-    if head is None or head.returncode:
+    if not (CHECKOUT / ".git").exists():
         return f"normscale=={normscale.__version__}"
+    if shutil.which("git") is None:
+        return f"normscale=={normscale.__version__} (a git checkout, but no git here to name its commit)"
+    head = git("rev-parse", "HEAD")
+    if head.returncode:
+        return f"normscale=={normscale.__version__} (git could not read the checkout's commit)"
     dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     return f"git:{head.stdout.strip()}" + ("+dirty" if dirty else "")
 

@@ -6,8 +6,9 @@ file systems differ in how (and whether) they honour it across nodes. The record
 complete temporary file, which fails when the lock exists (atomic, also on NFS), so a reader never sees a partial one.
 
 The holder counts as dead when its pid is gone (same host), its SLURM job has left the queue (or it is this very job,
-requeued), or its heartbeat is older than STALE_SECONDS. A dead holder's lock is taken over: it is renamed away
-(only one contender's rename succeeds), checked to be the record judged dead, and replaced by ours.
+requeued), or its heartbeat is older than STALE_SECONDS; a SLURM controller that does not answer proves nothing. A
+dead holder's lock is taken over one contender at a time: the one that creates the takeover marker (again with
+link(2)) checks that the record is still the one it judged dead, removes it and creates its own.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,6 +28,7 @@ from normscale.config import RunHeldError
 LOCK_FILE = "lock.json"
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 600.0
+STALE_TAKEOVER_SECONDS = 30.0  # a takeover takes milliseconds; a marker older than this was left by a dead contender
 
 
 def _pid_start(pid: int) -> str | None:
@@ -41,10 +44,14 @@ def _slurm_job() -> str | None:
 
 
 def _job_in_queue(job: str) -> bool:
-    if shutil.which("squeue") is None:  # no SLURM client here: the heartbeat decides
+    """False only when SLURM says the job is not in the queue; no SLURM client here, or a controller that does not
+    answer, counts as in the queue (the heartbeat decides then)."""
+    if shutil.which("squeue") is None:
         return True
     out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and bool(out.stdout.strip())
+    if out.returncode == 0:
+        return bool(out.stdout.strip())
+    return "invalid job id" not in out.stderr.lower()
 
 
 def why_dead(record: dict, now: float | None = None) -> str | None:
@@ -89,17 +96,24 @@ def describe(record: dict) -> str:
     return f"host {record['host']} pid {record['pid']}{job} since {since} (heartbeat {age:.0f} s ago)"
 
 
+RECORD_KEYS = {"host": str, "pid": int, "since": float, "heartbeat": float, "token": str}
+
+
 def read_record(path: Path) -> dict | None:
-    """The lock record at `path`; None when absent. A record that is not valid JSON (a damaged file: records are
-    created whole) counts as a dead holder's."""
+    """The lock record at `path`; None when absent. A damaged record (not JSON, or without the keys a record has:
+    records are created whole, so no holder wrote it) counts as a dead holder's."""
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return {"host": "?", "pid": -1, "since": 0.0, "heartbeat": 0.0, "token": f"damaged:{text!r}"}
+        record = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    intact = isinstance(record, dict) and all(isinstance(record.get(k), (t, int) if t is float else t)
+                                              for k, t in RECORD_KEYS.items())
+    return record if intact else {"host": "?", "pid": -1, "since": 0.0, "heartbeat": 0.0,
+                                  "token": f"damaged:{data[:64]!r}"}
 
 
 class RunLock:
@@ -119,11 +133,10 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock; returns a line saying whose dead lock was taken over, if any."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        note = None
-        for _ in range(5):
-            if self._create():
+        for _ in range(50):
+            if self._create(self.path):
                 self._start_heartbeat()
-                return note
+                return None
             record = read_record(self.path)
             if record is None:
                 continue  # released meanwhile
@@ -132,38 +145,42 @@ class RunLock:
                 raise RunHeldError(f"run {self.path.parent} is held by {describe(record)}; wait for it to finish or "
                                    f"stop it (a dead holder's lock is taken over: pid gone, job left the queue, or "
                                    f"no heartbeat for {STALE_SECONDS:.0f} s)")
-            if self._remove_dead(record):
-                note = f"took over the lock of run {self.path.parent} from {describe(record)}: {reason}"
+            if self._take_over(record):
+                self._start_heartbeat()
+                return f"took over the lock of run {self.path.parent} from {describe(record)}: {reason}"
+            time.sleep(0.1)  # another process is taking it over: see who wins
         raise RunHeldError(f"run {self.path.parent}: other processes keep taking its lock; try again")
 
-    def _create(self) -> bool:
+    def _create(self, path: Path) -> bool:
+        """Create `path` holding our record, atomically and only if it does not exist (link(2) of a whole file)."""
         tmp = self.path.with_name(f".{LOCK_FILE}.{self.token}")
         tmp.write_text(json.dumps(self.record))
         try:
-            os.link(tmp, self.path)
+            os.link(tmp, path)
             return True
         except FileExistsError:
             return False
         finally:
             tmp.unlink()
 
-    def _remove_dead(self, record: dict) -> bool:
-        """Move the dead holder's record away; False if another process got there first or replaced it."""
-        aside = self.path.with_name(f".{LOCK_FILE}.dead-{self.token}")
+    def _take_over(self, dead: dict) -> bool:
+        """Replace the dead holder's record by ours, one contender at a time: only the creator of the takeover
+        marker may remove a record, and only the one it judged dead (a marker left by a contender that died is
+        removed after STALE_TAKEOVER_SECONDS)."""
+        marker = self.path.with_name(f".{LOCK_FILE}.takeover")
+        if not self._create(marker):
+            age = time.time() - marker.stat().st_mtime if marker.exists() else 0.0
+            if age > STALE_TAKEOVER_SECONDS:
+                marker.unlink(missing_ok=True)
+            return False
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return False
-        moved = read_record(aside)
-        if moved is not None and moved.get("token") != record.get("token"):  # a live record took its place: restore
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-            aside.unlink()
-            return False
-        aside.unlink()
-        return True
+            current = read_record(self.path)
+            if current is not None and current["token"] != dead["token"]:
+                return False  # replaced meanwhile (by a live process or a finished takeover)
+            self.path.unlink(missing_ok=True)
+            return self._create(self.path)
+        finally:
+            marker.unlink()
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="normscale-run-lock", daemon=True)
@@ -171,7 +188,11 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            self.heartbeat()
+            try:
+                self.heartbeat()
+            except OSError as error:  # a full disk, say: try again at the next beat (stale only after 10 minutes)
+                print(f"normscale: warning: could not refresh the lock of run {self.path.parent} ({error}); "
+                      "trying again in a minute", file=sys.stderr, flush=True)
 
     def heartbeat(self) -> None:
         """Refresh the record's heartbeat (atomic replace), unless it is no longer ours."""

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from normscale.checkpoints import (CONFIG_FILE, EVAL_METRICS, TRAIN_METRICS, append_jsonl, list_checkpoints,
-                                   read_config, remove_temporaries, resume_step, truncate_metrics,
+                                   read_config, remove_temporaries, resume_states, resume_step, truncate_metrics,
                                    write_config)
-from normscale.config import Config, ConfigError, InterruptedRunError, RunFailedError, RunHeldError
+from normscale.config import Config, InterruptedRunError, RunFailedError, RunHeldError, RunRefusedError
 from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
 from normscale.data.seeds import stream_seed
 from normscale.data.store import check_budget, rank_rows, to_torch
@@ -57,6 +57,7 @@ class Preemption:
 
     def __init__(self):
         self.signum: int | None = None
+        self.training = False  # before the loop, Ctrl-C interrupts at once (data generation can take minutes)
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     @property
@@ -68,6 +69,8 @@ class Preemption:
         return self.signum == signal.SIGINT
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and (not self.training or self.interrupted):  # before the loop, or a second Ctrl-C
+            raise KeyboardInterrupt
         self.signum = signum
 
     def hand_over(self) -> None:
@@ -156,21 +159,26 @@ class TrainingMetrics:
 def inspect_run(config: Config, run_dir: Path) -> int:
     """The steps a run directory has trained (0 for a new run, or one that overwrite=true replaces), after refusing
     what must not continue it: a failed run, another identity, a max_steps the schedule cannot follow."""
-    if config.overwrite or not (run_dir / CONFIG_FILE).exists():
+    if config.overwrite:
+        return 0
+    if not (run_dir / CONFIG_FILE).exists():
+        if resume_states(run_dir) or list_checkpoints(run_dir):
+            raise RunRefusedError(f"run {run_dir} has checkpoints or a resume state but no {CONFIG_FILE}, so what it "
+                                  "trained is unknown; overwrite=true replaces it, or choose another name=")
         return 0
     failure = read_failure(run_dir)
     if failure:
-        raise ConfigError(f"run {run_dir} failed at step {failure['step']} ({failure['reason']}); overwrite=true "
+        raise RunRefusedError(f"run {run_dir} failed at step {failure['step']} ({failure['reason']}); overwrite=true "
                           "trains it again (or train the changed config under another name=)")
     saved = read_config(run_dir)
     differ = identity_diff(saved, config, ignore=("training_kwargs.max_steps",))
     if differ:
-        raise ConfigError(f"run {run_dir} was trained with another config ({'; '.join(differ)}); choose another "
+        raise RunRefusedError(f"run {run_dir} was trained with another config ({'; '.join(differ)}); choose another "
                           "name= for this one, or overwrite=true to replace that run")
     done = resume_step(run_dir) or 0
     reason = max_steps_change(saved, config, done)
     if reason:
-        raise ConfigError(f"run {run_dir} cannot continue: {reason}; choose another name=, or overwrite=true")
+        raise RunRefusedError(f"run {run_dir} cannot continue: {reason}; choose another name=, or overwrite=true")
     return done
 
 
@@ -179,6 +187,15 @@ def replace_run(run_dir: Path) -> None:
     for path in run_dir.iterdir():
         if path.name != LOCK_FILE:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def prepare_run_files(config: Config, run_dir: Path, overrides: list[str], replacing: bool) -> None:
+    """The main process, holding the lock, once everything is validated: replace the old run (overwrite=true), drop
+    what killed writers left, write the config."""
+    if replacing:
+        replace_run(run_dir)
+    remove_temporaries(run_dir)
+    write_config(run_dir, config, overrides)
 
 
 def fail_run(run_dir: Path, step: int, last_finite: int, reason: str) -> None:
@@ -206,12 +223,7 @@ def train(config: Config, overrides: list[str]) -> Path:
             return run_dir
         replacing = config.overwrite and (run_dir / CONFIG_FILE).exists()
         prepared = prepare_data(config, verify=replacing)  # one process generates, the others wait and reuse
-        if accelerator.is_main_process:
-            if replacing:
-                replace_run(run_dir)
-            remove_temporaries(run_dir)
-            write_config(run_dir, config, overrides)
-        accelerator.wait_for_everyone()
+        decided_on_main(accelerator, lambda: prepare_run_files(config, run_dir, overrides, replacing))
         run_loop(config, run_dir, prepared, accelerator, preemption, lock)
     finally:
         if lock is not None:
@@ -235,7 +247,7 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
         optimizer, lambda s: lr_factor(s, training.warmup_steps, training.max_steps, training.lr_schedule))
     model, optimizer, scheduler = prepare(accelerator, model, optimizer, scheduler)
     metrics = TrainingMetrics(config.task_kwargs.num_tasks, accelerator.device)
-    start, accumulators, record = load_resume(accelerator, run_dir)
+    start, accumulators, record = load_resume(accelerator, run_dir, identity_hash(config))
     metrics.load(accumulators)
     origin = provenance()
     if accelerator.is_main_process:
@@ -279,7 +291,8 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
     wandb_run = init_wandb(config, run_dir, run_dir.name) if config.logging.wandb and accelerator.is_main_process else None
     micro = training.gradient_accumulation_steps
     last_log = time.perf_counter()
-    done = start
+    done, results = start, None
+    preemption.training = True
 
     with progress:  # closed before any error line is printed
         for step in range(start, training.max_steps):
@@ -309,14 +322,14 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
                           "per_task_loss": (loss / count.clamp_min(1)).tolist(), "per_task_count": count.tolist()}
                 metrics.reset()
                 last_log = time.perf_counter()
+                if decided_on_main(accelerator, lambda: lock.lost):
+                    raise RunHeldError(f"run {run_dir}: another process took over its lock (this one was judged "
+                                       "dead); stopping without saving")
                 if accelerator.is_main_process:
                     append_jsonl(run_dir / TRAIN_METRICS, record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}")
                     if wandb_run:
                         wandb_run.log({k: v for k, v in record.items() if not k.startswith("per_task")}, step=done)
-                    if lock.lost:
-                            raise RunHeldError(f"run {run_dir}: another process took over its lock (this one was judged dead); "
-                                           "stopping without saving")
             if done % training.eval_every == 0 or done == training.max_steps:
                 results = evaluate(model, config, splits, accelerator)
                 if accelerator.is_main_process:
@@ -341,7 +354,7 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
     if preemption.interrupted and done < training.max_steps:
         raise InterruptedRunError(f"interrupted (Ctrl-C) at step {done}: resume state saved in {run_dir}; "
                                   "the same command resumes it")
-    if done == training.max_steps:
+    if done == training.max_steps and results is not None:
         summary = ", ".join(f"{s} {k} {v:.4f}" for s, r in results.items() for k, v in r.items())
         accelerator.print(f"normscale: trained {done} steps; {summary}; checkpoints in {run_dir}")
 

@@ -109,6 +109,9 @@ def test_raising_max_steps_continues_a_constant_schedule_and_is_refused_for_a_de
     reference = load_checkpoint(the_run(direct, "test") / "checkpoint-50")[0]
     assert all(torch.equal(final[k], reference[k]) for k in final)
     assert read_jsonl(run_dir / "eval_metrics.jsonl")[-1] == read_jsonl(the_run(direct, "test") / "eval_metrics.jsonl")[-1]
+    from normscale.layout import identity_hash, read_config
+    early = load_checkpoint(run_dir / "checkpoint-20")[1]  # written before max_steps grew: still the run's own
+    assert early["identity_hash"] == identity_hash(read_config(run_dir))
 
     cosine = tmp_path / "cosine"
     train_in_process(config(cosine, 30, "training_kwargs.lr_schedule=cosine"), [])
@@ -303,8 +306,8 @@ def test_a_damaged_resume_state_falls_back_to_the_previous_intact_one(tmp_path, 
 
 def test_chaos_sigkill_at_random_moments_and_inside_writes_ends_bit_identical(tmp_path, reference):
     """One run killed with SIGKILL 12 times, half at random moments after it took its lock (start-up, resume,
-    training), half the instant it starts writing a checkpoint, resume state or metrics file (a temporary name of
-    this process appears), resumed each time: its checkpoints are bit-identical to the uninterrupted run's and its
+    training), half the instant it starts writing a checkpoint or a resume state (a temporary name of
+    this process, or a new unfinished resume state, appears), resumed each time: its checkpoints are bit-identical to the uninterrupted run's and its
     metrics records identical (wall-clock aside), none duplicated."""
     cache = tmp_path / "cache"
     runs = cache / "experiments/balls_and_urns/t/runs"
@@ -424,3 +427,82 @@ def test_a_run_resumed_under_other_code_says_so(tmp_path):
     record_path.write_text(json.dumps(record))  # the record is not among the hashed files
     result = train(cache, "training_kwargs.max_steps=400")
     assert "the code changed since this run was saved (git:0000000 -> " in result.stdout
+
+
+def test_six_processes_taking_over_one_dead_lock_leave_exactly_one_holder(tmp_path):
+    """A dead holder's record (stale heartbeat, another node) and six processes racing to take it over at once:
+    exactly one holds the run, the five others exit 75 naming it, whatever the interleaving (repeated 5 times)."""
+    code = ("import sys, time; from normscale.runlock import RunLock; from normscale.config import RunHeldError\n"
+            "lock = RunLock(sys.argv[1]); time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+            "try:\n    note = lock.acquire()\nexcept RunHeldError as error:\n    print('held', error); sys.exit(75)\n"
+            "print('won', note); time.sleep(1.5); lock.release()\n")
+    for attempt in range(5):
+        run_dir = tmp_path / f"run{attempt}"
+        run_dir.mkdir()
+        (run_dir / LOCK_FILE).write_text(json.dumps({"host": "another-node", "pid": 1, "since": 0.0,
+                                                     "heartbeat": 0.0, "token": "dead"}))
+        go = time.time() + 2.0
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(go)], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(6)]
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+        winners = [o for o in outs if o.startswith("won")]
+        assert len(winners) == 1, outs  # usually the taker; or one whose create came between removal and re-create
+        assert sorted(p.returncode for p in procs) == [0] + [75] * 5, outs
+        assert not (run_dir / LOCK_FILE).exists() and not list(run_dir.glob(".lock.json*"))
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", "\xff\xfe not json"])
+def test_a_damaged_lock_record_counts_as_a_dead_holder(tmp_path, content):
+    cache = tmp_path / "cache"
+    train(cache, "training_kwargs.max_steps=20")
+    (the_run(cache) / LOCK_FILE).write_bytes(content.encode("latin-1"))
+    result = train(cache, "training_kwargs.max_steps=20")
+    assert "took over the lock" in result.stdout and "heartbeat is" in result.stdout
+
+
+def test_a_diverging_point_of_a_sweep_does_not_stop_the_others(tmp_path):
+    """-m over two learning rates, one diverging: the other point is still trained and the sweep ends with 3 listing
+    the failed point; run again, the failed point is refused (skipped, exit 2) and the finished one is complete."""
+    cache = tmp_path / "cache"
+    args = ["-m", *TINY, "training_kwargs.max_steps=20", "training_kwargs.log_every=10",
+            "training_kwargs.warmup_steps=0", "training_kwargs.learning_rate=1e30,1e-3"]
+    first = run_module("normscale.train", *args, env={"CACHE_DIR": str(cache)})
+    assert first.returncode == 3, first.stderr[-2000:]
+    line = one_error_line(first.stderr)
+    assert "1 sweep point(s) skipped" in line and "learning_rate=1e+30 (failed)" in line, line
+    runs = {p.name: p for p in (cache / "experiments/balls_and_urns/t/runs").iterdir()}
+    assert len(runs) == 2
+    trained = next(p for p in runs.values() if not (p / FAILED_FILE).exists())
+    assert (trained / "checkpoint-20").exists()
+    again = run_module("normscale.train", *args, env={"CACHE_DIR": str(cache)})
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert "(refused)" in one_error_line(again.stderr) and "is complete" in again.stdout
+
+
+def test_checkpoints_without_their_config_are_refused(tmp_path):
+    cache = tmp_path / "cache"
+    train(cache, "training_kwargs.max_steps=20")
+    (the_run(cache) / "config_resolved.yaml").unlink()
+    result = train(cache, "training_kwargs.max_steps=20", expect=2)
+    assert "but no config_resolved.yaml" in one_error_line(result.stderr)
+
+
+def test_damaged_metrics_lines_and_failure_records_get_one_line(tmp_path):
+    """A flipped byte in train_metrics.jsonl: the resume drops that line with a note and goes on. A truncated
+    failed.json still marks the run as failed."""
+    cache = tmp_path / "cache"
+    proc = start(cache, "training_kwargs.max_steps=400", "training_kwargs.log_every=10")
+    wait_for(lambda: list(cache.glob("experiments/*/t/runs/*/resume/state.json")))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 0
+    run_dir = the_run(cache)
+    metrics = run_dir / "train_metrics.jsonl"
+    data = bytearray(metrics.read_bytes())
+    data[5] = 0xFF  # not UTF-8: the first record no longer decodes
+    metrics.write_bytes(bytes(data))
+    result = train(cache, "training_kwargs.max_steps=400", "training_kwargs.log_every=10")
+    assert "had 1 damaged line(s); dropped" in result.stdout
+    assert [r["step"] for r in read_jsonl(metrics)] == list(range(20, 401, 10))
+    (run_dir / FAILED_FILE).write_text('{"step": 4')
+    refused = train(cache, "training_kwargs.max_steps=400", "training_kwargs.log_every=10", expect=2)
+    assert "failed.json is damaged" in one_error_line(refused.stderr)

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from safetensors.torch import load_file, save_file
 
 from normscale.checkpoints import choose_resume, publish_resume, resume_staging, write_checkpoint
-from normscale.config import Config, ConfigError, NormscaleError
+from normscale.config import Config, ConfigError, FaultError, NormscaleError, RunRefusedError
 from normscale.dist import process_info
 from normscale.fileio import disk_full_guard
 
@@ -165,8 +165,10 @@ def save_resume(accelerator: Accelerator, run_dir: Path, step: int, accumulators
     accelerator.wait_for_everyone()
 
 
-def load_resume(accelerator: Accelerator, run_dir: Path) -> tuple[int, dict[str, torch.Tensor] | None, dict | None]:
-    """Restore the newest intact resume state (damaged newer ones are named and deleted by the main process):
+def load_resume(accelerator: Accelerator, run_dir: Path, identity: str
+                ) -> tuple[int, dict[str, torch.Tensor] | None, dict | None]:
+    """Restore the newest intact resume state (damaged newer ones are named and deleted by the main process), after
+    checking that it was saved by a run of this `identity` and by the same world size and distributed type:
     (step to continue from, this rank's metric accumulators, the state's record); (0, None, None) when none."""
     chosen = None
     if accelerator.is_main_process:
@@ -178,6 +180,10 @@ def load_resume(accelerator: Accelerator, run_dir: Path) -> tuple[int, dict[str,
     if chosen is None:
         return 0, None, None
     name, record = chosen
+    if record.get("identity_hash", identity) != identity:
+        raise RunRefusedError(f"the resume state of {run_dir} was saved by a run of another identity "
+                              f"({record['identity_hash']}, this config is {identity}); overwrite=true replaces it, or "
+                              "choose another name=")
     saved = (record.get("world_size", accelerator.num_processes),
              record.get("distributed_type", str(accelerator.distributed_type)))
     if saved != (accelerator.num_processes, str(accelerator.distributed_type)):
@@ -249,8 +255,12 @@ def decided_on_main(accelerator: Accelerator, decide):
     if accelerator.is_main_process:
         try:
             outcome = (None, decide())
-        except NormscaleError as error:
-            outcome = (type(error), str(error))
+        except Exception as error:  # every rank must learn of it, or the others wait in this broadcast forever
+            known = isinstance(error, NormscaleError)
+            outcome = (type(error) if known else FaultError,
+                       str(error) if known else f"the main process failed: {type(error).__name__}: {error}")
+            broadcast_from_main(accelerator, outcome)
+            raise
     error_type, value = broadcast_from_main(accelerator, outcome)
     if error_type is not None:
         raise error_type(value)
