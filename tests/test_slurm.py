@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ROOT
 from normscale import sweep
-from normscale.checkpoints import RESUME_LINK, list_checkpoints, resume_step
+from normscale.checkpoints import list_checkpoints, resume_step
 from normscale.config import checkpoint_schedule
 
 TINY = ["setting=balls_and_urns", "logging.wandb=false", "task_kwargs.num_dims=4", "task_kwargs.context_length=12",
@@ -30,12 +30,9 @@ TINY = ["setting=balls_and_urns", "logging.wandb=false", "task_kwargs.num_dims=4
         "model_kwargs.hidden_size=16", "data_kwargs.eval_size=32", "eval_kwargs.batch_size=16",
         "eval_kwargs.num_eval_batches=2"]
 SCHEDULE = sorted({0, *checkpoint_schedule("sqrt_schedule", 40, 3, 10)})
-LONG = ["training_kwargs.max_steps=3000", "training_kwargs.save_steps.num_checkpoints=4"]
-LONG_SCHEDULE = sorted({0, *checkpoint_schedule("sqrt_schedule", 3000, 4, 10)})
-
-
-def test_resume_state_path_matches_the_checkpoint_layout():
-    assert sweep.RESUME_STATE == f"{RESUME_LINK}/state.json"  # sweep.py cannot import checkpoints (torch)
+LONG_STEPS = 20000  # long enough (tens of seconds on a quiet machine) that a signal reaches the run before its end
+LONG = [f"training_kwargs.max_steps={LONG_STEPS}", "training_kwargs.save_steps.num_checkpoints=4"]
+LONG_SCHEDULE = sorted({0, *checkpoint_schedule("sqrt_schedule", LONG_STEPS, 4, 10)})
 
 
 def test_array_specs_chunks_and_sbatch_resources(tmp_path, monkeypatch):
@@ -372,7 +369,7 @@ def test_preempted_array_task_requeues_and_resumes_with_every_checkpoint(cluster
     assert "requeueing job" in log and "restart 1" in log, log[-3000:]
     assert resumed_steps(log) and resumed_steps(log)[0] > 0, log[-3000:]
     assert [s for s, _ in list_checkpoints(run_dir)] == LONG_SCHEDULE
-    assert resume_step(run_dir) == 3000
+    assert resume_step(run_dir) == LONG_STEPS
 
 
 def test_requeued_task_keeps_its_frozen_point_after_the_preset_changed(cluster, tmp_path):
@@ -402,7 +399,7 @@ def test_requeued_task_keeps_its_frozen_point_after_the_preset_changed(cluster, 
     assert len(starts) == 2 and "restart 1" in starts[1] and all(s.endswith("task_kwargs.num_tasks=4") for s in starts)
     assert resumed_steps(log) and resumed_steps(log)[0] > 0, log[-3000:]
     assert [r.name for r in run_dir.parent.iterdir()] == [run_dir.name]
-    assert [s for s, _ in list_checkpoints(run_dir)] == LONG_SCHEDULE and resume_step(run_dir) == 3000
+    assert [s for s, _ in list_checkpoints(run_dir)] == LONG_SCHEDULE and resume_step(run_dir) == LONG_STEPS
 
 
 def test_hydra_submitit_launcher_runs_the_same_run_directories(cluster, tmp_path):
@@ -440,7 +437,7 @@ def test_multinode_job_as_two_slurm_tasks_requeues_on_the_warning_signal_and_res
     assert "on 2 process(es)" in text and "parameters identical on all 2 ranks" in text
     assert "requeueing job" in text and "restart 1" in text, text[-3000:]
     assert resumed_steps(text) and resumed_steps(text)[0] > 0, text[-3000:]
-    assert [s for s, _ in list_checkpoints(run_dir)] == LONG_SCHEDULE and resume_step(run_dir) == 3000
+    assert [s for s, _ in list_checkpoints(run_dir)] == LONG_SCHEDULE and resume_step(run_dir) == LONG_STEPS
 
 
 def test_hydra_path_preemption_follows_submitits_checkpoint_and_requeue_contract(cluster, tmp_path):
@@ -465,7 +462,7 @@ def test_hydra_path_preemption_follows_submitits_checkpoint_and_requeue_contract
     assert "Caught signal SIGUSR2" in logs and "DUE TO JOB REQUEUE" in logs, logs[-3000:]  # submitit requeued it
     assert resumed_steps(logs) and resumed_steps(logs)[0] > 0, logs[-3000:]
     assert [s for s, _ in list_checkpoints(run_dir)] == LONG_SCHEDULE
-    assert resume_step(run_dir) == 3000
+    assert resume_step(run_dir) == LONG_STEPS
 
 
 def test_llm_eval_script_shards_a_model_over_two_slurm_tasks(cluster, tmp_path):
