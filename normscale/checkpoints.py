@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -24,24 +23,9 @@ from safetensors.torch import load, save
 
 from normscale.config import FaultError
 from normscale.fileio import atomic_path, disk_full_guard, sha256_bytes, write_json
-from normscale.layout import (CONFIG_FILE, RESUME_LINK, RESUME_RECORD, read_config, resume_states,  # noqa: F401
-                              resume_step, write_config)
+from normscale.layout import EVAL_METRICS, RESUME_LINK, RESUME_RECORD, TRAIN_METRICS, checkpoint_dir, resume_states
 
 WEIGHTS = "model.safetensors"
-TRAIN_METRICS, EVAL_METRICS = "train_metrics.jsonl", "eval_metrics.jsonl"
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / f"checkpoint-{step}"
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, by step."""
-    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return sorted(found)
-
-
 def write_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write checkpoint-<step>/ (weights + meta.json with their size and sha256) under a temporary name, then rename
     it into place."""

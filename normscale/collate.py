@@ -7,13 +7,13 @@ re-evaluated one replaces its group. Idempotent: collating twice gives the same 
 metrics file yet is skipped and picked up by a later pass (metrics files are written atomically, so a file is
 complete or absent). The new file is written beside the old one and renamed over it, under a lock.
 
-Verified: a metrics file is read with normscale.eval.load_metrics (its zip members checked against their CRC-32,
+Verified: a metrics file is read with normscale.results.load_metrics (its zip members checked against their CRC-32,
 then torch.load). A file that does not load, or whose identity_hash differs from the identity of the
 config_resolved.yaml beside it (files written before normscale recorded it are not compared), is named in one line
 on stderr ("normscale: skipped: ...") and not collated; the rest are, and the command then ends with exit code 1 and
 the list (`load_eval_results` warns instead, and returns what was collated). metrics.h5 keeps an earlier collated
 version of such a file, if any; the file is tried again on every pass until normscale.eval has evaluated it again.
-When the collated rows of one mode were made with different eval settings (normscale.eval.eval_settings), collate
+When the collated rows of one mode were made with different eval settings (normscale.results.eval_settings), collate
 says so in one line naming the settings and how many files have each value.
 
 Schema (plain h5py reads it; strings are UTF-8, configs JSON):
@@ -62,13 +62,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
-from normscale.checkpoints import CHECKPOINT_PATTERN, CONFIG_FILE, read_config
 from normscale.config import Config, EvalConfig, FaultError, NormscaleError, resolve_cache_dir
-from normscale.eval import METRICS_FILES, MetricsError, eval_settings, load_metrics
 from normscale.fileio import atomic_path, file_lock
-from normscale.layout import identity_hash, is_sweep_parameter
+from normscale.layout import (CHECKPOINT_PATTERN, CONFIG_FILE, METRICS_FILES, identity_hash, is_sweep_parameter,
+                              read_config)
+from normscale.results import MetricsError, eval_settings, load_metrics
 
 SCHEMA, FORMAT = "normscale.metrics", 1
 COLLATED_FILE = "metrics.h5"
@@ -292,7 +291,7 @@ def mixed_eval_settings(path: Path) -> str | None:
 
 
 def _dataset(group: h5py.Group, name: str, values) -> None:
-    array = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    array = values.numpy() if hasattr(values, "numpy") else np.asarray(values)  # a CPU tensor, or a list
     group.create_dataset(name, data=array, track_times=False,
                          **({"compression": "lzf"} if array.size > 4096 else {}))
 

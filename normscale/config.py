@@ -6,10 +6,8 @@ rejects unknown keys and bad values with one `ConfigError` naming the key and wh
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field

@@ -50,31 +50,29 @@ import dataclasses
 import math
 import re
 import sys
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from normscale.checkpoints import (CONFIG_FILE, CheckpointError, list_checkpoints, load_checkpoint, read_config,
-                                   write_config)
-from normscale.config import Config, EvalConfig, FaultError, NormscaleError
+from normscale.checkpoints import CheckpointError, load_checkpoint
+from normscale.config import Config, FaultError, NormscaleError
 from normscale.data import load_eval_splits, load_single_task_split, load_task_pools, plan_data, prepare_data
 from normscale.data.dataset import SEQUENCE_TASK_PARAMS, MixtureDataset
 from normscale.data.priors import task_prior_weights
 from normscale.data.store import read_manifest, to_torch
-from normscale.fileio import atomic_path
-from normscale.layout import identity_hash
+from normscale.layout import (CONFIG_FILE, METRICS_FILES, identity_hash, list_checkpoints, read_config,
+                              write_config)
 from normscale.metrics import as_predictions, pointwise, summarize
 from normscale.model import TRAINABLE, build_bayes, build_model
 from normscale.provenance import provenance
+from normscale.results import eval_settings, existing_result, save_metrics
 
 # normscale.dist (and with it accelerate) is imported where it is used, so that importing this module for its
 # metrics-file helpers (normscale.collate, a notebook) stays light.
 
 FORMAT = 1
-METRICS_FILES = {"standard": "metrics.pt", "single_task": "metrics-single_task.pt"}
 REFERENCE_KINDS = ("memorizing", "generalizing")
 STRATEGY_LOSS_GROUPS = 10
 SINGLE_SHOT_PREFIXES = ("bayes-", "llm-")
@@ -240,71 +238,6 @@ class ModelEvaluator:
 def labels(setting: str, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
     return {"balls_and_urns": lambda: arrays["tokens"][:, 1:], "linear_regression": lambda: arrays["ys"],
             "classification": lambda: arrays["query_labels"]}[setting]()
-
-
-def save_metrics(path: Path, results: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(results, tmp)
-
-
-class MetricsError(FaultError):
-    """A metrics file that does not load: truncated, changed since it was written, or not a metrics file."""
-
-
-def load_metrics(path: Path) -> dict:
-    """A metrics file's contents, verified first: every member of its zip archive against the CRC-32 that torch.save
-    recorded (torch.load alone does not check them, so a flipped byte in a tensor would load silently). Raises
-    MetricsError, one line naming the file, for a file that is missing, truncated, altered or not a metrics dict."""
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            altered = archive.testzip()
-        metrics = None if altered else torch.load(path, weights_only=True)
-    except Exception as error:  # BadZipFile (truncated), UnpicklingError, RuntimeError, OSError: all "does not load"
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        raise MetricsError(f"{path} does not load ({type(error).__name__}: {reason})") from None
-    if altered:
-        raise MetricsError(f"{path} does not load: its member {altered} differs from the CRC-32 recorded when it "
-                           "was written")
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("splits"), dict):
-        raise MetricsError(f"{path} does not load: it holds no normscale metrics (no splits)")
-    return metrics
-
-
-def eval_settings(eval_kwargs: dict, model: str | None = None) -> dict:
-    """The eval settings that decide a metrics file's content, as compared between files and commands: eval_kwargs
-    read through the schema (a key missing from an older file counts as its default), without `run` (it only
-    selects runs) and without the keys the mode and model do not read (sequences_per_task outside single_task
-    mode, num_eval_batches in it, strategy_loss_sequences except for model=bayes)."""
-    settings = {**dataclasses.asdict(EvalConfig()), **eval_kwargs}
-    settings.pop("run", None)
-    settings.pop("num_eval_batches" if settings["mode"] == "single_task" else "sequences_per_task", None)
-    if model != "bayes":
-        settings.pop("strategy_loss_sequences", None)
-    return settings
-
-
-def settings_diff(saved: dict, wanted: dict) -> list[str]:
-    """`key saved -> wanted` for every eval setting that differs."""
-    return [f"eval_kwargs.{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(saved.keys() | wanted.keys())
-            if saved.get(k) != wanted.get(k)]
-
-
-def existing_result(path: Path, wanted: dict, model: str, identity: str | None = None) -> tuple[str, str]:
-    """What an existing metrics file is worth to a command that wants `wanted` eval settings (`eval_settings`):
-    ("missing", ""), ("redo", why: it does not load, or it was made for another run identity than `identity`),
-    ("other", the settings that differ) or ("done", "")."""
-    if not Path(path).exists():
-        return "missing", ""
-    try:
-        metrics = load_metrics(path)
-    except MetricsError as error:
-        return "redo", str(error)
-    made_for = metrics.get("identity_hash")
-    if identity is not None and made_for is not None and made_for != identity:
-        return "redo", f"{path} was evaluated for another run identity ({made_for}) than its run's ({identity})"
-    diff = settings_diff(eval_settings(metrics.get("eval_kwargs") or {}, model), wanted)
-    return ("other", ", ".join(diff)) if diff else ("done", "")
 
 
 def trained_runs(config: Config) -> list[Path]:

@@ -40,7 +40,10 @@ RUN_NAME_MAX = 200  # file names may have 255 bytes
 
 CONFIG_FILE = "config_resolved.yaml"  # the run's Config; its first line lists the overrides
 RESUME_LINK, RESUME_RECORD = "resume", "state.json"  # resume -> .resume-<step>/, whose state.json records it
-FAILED_FILE = "failed.json"  # a run that diverged: {"step", "reason"}; training it again needs overwrite=true
+FAILED_FILE = "failed.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")  # checkpoint-<step>/
+TRAIN_METRICS, EVAL_METRICS = "train_metrics.jsonl", "eval_metrics.jsonl"  # records written while training
+METRICS_FILES = {"standard": "metrics.pt", "single_task": "metrics-single_task.pt"}  # by eval mode  # a run that diverged: {"step", "reason"}; training it again needs overwrite=true
 
 
 def identity(config: Config) -> dict:
@@ -175,3 +178,13 @@ def resume_step(run_dir: Path) -> int | None:
         except (FileNotFoundError, json.JSONDecodeError):  # a save that did not finish, or a damaged record
             continue
     return None
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{step}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, by step."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return sorted(found)

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 
-from normscale.checkpoints import (CONFIG_FILE, EVAL_METRICS, TRAIN_METRICS, append_jsonl, list_checkpoints,
-                                   read_config, remove_temporaries, resume_states, resume_step, truncate_metrics,
-                                   write_config)
+from normscale.checkpoints import append_jsonl, remove_temporaries, truncate_metrics
 from normscale.config import Config, InterruptedRunError, RunFailedError, RunHeldError, RunRefusedError
 from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
 from normscale.data.seeds import stream_seed
@@ -27,7 +25,9 @@ from normscale.data.store import check_budget, rank_rows, to_torch
 from normscale.dist.accel import (check_replicas_identical, decided_on_main, finish_process, keep_freed_memory,
                                   load_resume, make_accelerator, prepare, save_checkpoint, save_resume)
 from normscale.fileio import write_json
-from normscale.layout import FAILED_FILE, identity_diff, identity_hash, max_steps_change, read_failure, run_name
+from normscale.layout import (CONFIG_FILE, EVAL_METRICS, FAILED_FILE, TRAIN_METRICS, identity_diff, identity_hash,
+                              list_checkpoints, max_steps_change, read_config, read_failure, resume_states, resume_step,
+                              run_name, write_config)
 from normscale.metrics import sequence_losses, task_metrics
 from normscale.model import build_model
 from normscale.model.mup import optimizer_groups

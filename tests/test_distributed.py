@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_config
-from normscale.checkpoints import list_checkpoints, load_checkpoint, read_config, read_jsonl, resume_step
+from normscale.checkpoints import load_checkpoint, read_jsonl
+from normscale.layout import list_checkpoints, read_config, resume_step
 from normscale.dist.accel import configure_deepspeed
 from normscale.model import build_model
 from test_train import QUICK, URNS, wait_until

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from conftest import ROOT, run_module
-from normscale.checkpoints import list_checkpoints, read_config
+from normscale.layout import list_checkpoints, read_config
 from normscale.collate import load_eval_results
 from normscale.config import checkpoint_schedule
-from normscale.eval import ModelEvaluator, load_metrics
+from normscale.eval import ModelEvaluator
+from normscale.results import load_metrics
 from normscale.metrics import distance, summarize
 
 SETTING = "balls_and_urns"

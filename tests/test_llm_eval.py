@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import ROOT, run_module
-from normscale.checkpoints import list_checkpoints
+from normscale.layout import list_checkpoints
 from llm_fixture import make_tiny_llama
 from normscale.collate import load_eval_results
-from normscale.eval import load_metrics
+from normscale.results import load_metrics
 
 EVAL = ["experiment=llm_eval", "task_kwargs.num_dims=4", "task_kwargs.context_length=12", "task_kwargs.num_tasks=4",
         "task_kwargs.num_ood_tasks=20", "training_kwargs.batch_size=8", "data_kwargs.eval_size=32",

@@ -17,7 +17,8 @@ import torch
 from conftest import ROOT, run_module, small_config
 from faults import flip, one_error_line, run_on_small_disk, tree_bytes, truncate
 
-from normscale.checkpoints import list_checkpoints, load_checkpoint, read_jsonl, resume_step
+from normscale.checkpoints import load_checkpoint, read_jsonl
+from normscale.layout import list_checkpoints, resume_step
 from normscale.layout import FAILED_FILE
 from normscale.runlock import LOCK_FILE, RunLock
 
@@ -184,7 +185,7 @@ def test_a_locked_point_of_a_sweep_is_skipped_and_the_sweep_ends_with_75(tmp_pat
     holder.send_signal(signal.SIGTERM)
     assert holder.wait() == 0
     assert sweep.returncode == 75, sweep.stderr[-2000:]
-    assert f"normscale: skipped: run" in sweep.stderr and f"pid {holder.pid}" in sweep.stderr
+    assert "normscale: skipped: run" in sweep.stderr and f"pid {holder.pid}" in sweep.stderr
     assert "training_kwargs.max_steps=20000" in one_error_line(sweep.stderr)
     steps = sorted(json.loads((p / "resume/state.json").read_text())["step"]
                    for p in (cache / "experiments/balls_and_urns/t/runs").iterdir())

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ROOT
 from normscale import sweep
-from normscale.checkpoints import list_checkpoints, resume_step
+from normscale.layout import list_checkpoints, resume_step
 from normscale.config import checkpoint_schedule
 
 TINY = ["setting=balls_and_urns", "logging.wandb=false", "task_kwargs.num_dims=4", "task_kwargs.context_length=12",
@@ -153,7 +153,7 @@ def test_plan_and_status_show_failed_and_conflicting_points_and_submit_neither(t
     cluster) submits only the missing point and says how to train the others;
     with overwrite=true the failed and conflicting points are submitted too (they are replaced)."""
     from conftest import compose_config
-    from normscale.checkpoints import write_config
+    from normscale.layout import write_config
 
     monkeypatch.setenv("CACHE_DIR", str(tmp_path))  # this process's sweep.resolve, as the commands' (env_for)
     overrides = ["name=states", *TINY, "task_kwargs.num_tasks=2,4,8,16"]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_module
-from normscale.checkpoints import list_checkpoints, load_checkpoint, read_config, read_jsonl, resume_step
+from normscale.checkpoints import load_checkpoint, read_jsonl
+from normscale.layout import list_checkpoints, read_config, resume_step
 from normscale.config import checkpoint_schedule
 from normscale.layout import run_name
 from normscale.data import load_eval_splits, load_task_pools, task_prior_weights

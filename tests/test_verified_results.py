@@ -2,6 +2,7 @@
 checkpoints and metrics files, checkpoints and metrics of another run identity, results made with other eval
 settings, and what `python -m normscale.eval` and `python -m normscale.collate` do about each."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,9 +13,8 @@ import pytest
 
 from conftest import run_module
 from faults import flip, one_error_line, truncate
-from normscale.checkpoints import list_checkpoints, read_config
-from normscale.eval import MetricsError, load_metrics, save_metrics
-from normscale.layout import identity_hash
+from normscale.layout import identity_hash, list_checkpoints, read_config
+from normscale.results import MetricsError, load_metrics, save_metrics
 
 SETTING, NAME = "balls_and_urns", "vr"
 ARGS = [f"setting={SETTING}", f"name={NAME}", "logging.wandb=false", "task_kwargs.num_dims=4",
@@ -242,7 +242,14 @@ def test_collate_says_in_one_line_when_an_experiment_mixes_eval_settings(cache):
     assert "up to date" in again.stdout and "mixes eval settings" in again.stdout
 
 
-def test_importing_collate_does_not_pull_in_accelerate():
-    code = "import sys, normscale.collate; print('accelerate' in sys.modules, 'normscale.dist' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+def test_reading_an_up_to_date_metrics_file_imports_no_torch(cache):
+    """A notebook's load_eval_results on a collated experiment: the rows come back, and neither torch nor eval,
+    dist, accelerate or transformers is imported (collating new files imports torch to read them)."""
+    cli("normscale.collate", cache)
+    code = ("import sys; from normscale.analysis_utils import load_eval_results; "
+            f"df = load_eval_results(setting='{SETTING}', experiment_name='{NAME}'); "
+            "print(len(df), *sorted(m for m in ('torch', 'normscale.eval', 'normscale.dist', 'accelerate', "
+            "'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "CACHE_DIR": str(cache)}).stdout.splitlines()[-1].split()
+    assert out == [str(len(STEPS) + 1)], out  # every checkpoint and the Bayes row; nothing heavy imported
