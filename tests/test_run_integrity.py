@@ -55,6 +55,12 @@ def wait_for(predicate, timeout: float = 120, every: float = 0.05):
     raise AssertionError("timed out waiting")
 
 
+def holds_lock(cache: Path, proc: subprocess.Popen) -> bool:
+    """Whether `proc` holds its run's lock (so its signal handlers are installed: train() installs them first)."""
+    lock = next(cache.glob(f"experiments/*/*/runs/*/{LOCK_FILE}"), None)
+    return lock is not None and f'"pid": {proc.pid},' in lock.read_text()
+
+
 def records(run_dir: Path, name: str) -> list[dict]:
     """Metrics records without their wall-clock field."""
     return [{k: v for k, v in r.items() if k != "seconds_per_step"} for r in read_jsonl(run_dir / name)]
@@ -276,8 +282,9 @@ def test_a_run_resumed_between_logging_steps_writes_the_same_metrics(tmp_path, r
     while not any(step % 7 for step in stops):  # until one stop lands between logging steps (6 in 7 do)
         assert len(stops) < 5, stops
         proc = start(cache, *CHAOS)
-        wait_for(lambda: list(cache.glob("experiments/*/t/runs/*/train_metrics.jsonl")) and
-                 read_jsonl(the_run(cache) / "train_metrics.jsonl")[-1:][0]["step"] > 7 * len(stops))
+        last = stops[-1] if stops else 0  # this process's own progress: its lock, then a record past the last stop
+        wait_for(lambda: holds_lock(cache, proc) and
+                 (read_jsonl(the_run(cache) / "train_metrics.jsonl") or [{"step": 0}])[-1]["step"] > last)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait() == 0
         stops.append(json.loads((the_run(cache) / "resume/state.json").read_text())["step"])
