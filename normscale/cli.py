@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import re
 import socket
@@ -228,12 +229,46 @@ def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
     return f"{'proxy ' if proxy else ''}{host}:{port}: {outcome.get('error', f'no answer within {timeout:g} s')}"
 
 
+def compose(overrides: list[str], hydra_config: bool = False):
+    """Hydra's composition of `overrides` (its errors as one-line ConfigErrors)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with hydra_errors(), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def grid(overrides: list[str]) -> list[list[str]]:
+    """Every point of the sweep: the fixed overrides plus one value of each swept key (Hydra's grammar)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    check_overrides(overrides)
+    parser = OverridesParser.create()
+    with hydra_errors():
+        command_line = parser.parse_overrides(overrides)
+    fixed = [o.input_line for o in command_line if not o.is_sweep_override()]
+    preset = compose(fixed, hydra_config=True)
+
+    def values(override) -> list[str]:  # a single value (no sweep) is a one-point axis, as for Hydra's sweeper
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            return [override.input_line]
+        return [f"{key}={v}" for v in override.sweep_string_iterator()]
+
+    with hydra_errors():
+        swept = {key: values(parser.parse_override(f"{key}={value}"))
+                 for key, value in (preset.hydra.sweeper.params or {}).items()}
+    for override in command_line:
+        key = override.get_key_element()
+        swept.pop(key, None)  # the command line wins, and its keys come last
+        if override.is_sweep_override():
+            swept[key] = values(override)
+    return [fixed + list(choice) for choice in itertools.product(*swept.values())]
+
+
 def validate(args: list[str]) -> list[Config]:
     """The Configs a command would run (`[normscale.<entry>] [-m] <overrides>`; every point of a `-m` sweep), validated
     as the entry point does it, without running anything: ConfigError naming the first problem. Commands that pick
     another config file (--config-name, --config-path, --config-dir) are not checked here (empty list)."""
-    from normscale.sweep import compose, grid
-
     entry = args[0] if args and args[0].startswith("normscale.") and "=" not in args[0] else None
     rest = args[1:] if entry else args
     if any(a.split("=")[0] in ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd") for a in rest):

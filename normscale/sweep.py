@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from normscale.cli import check_overrides, compose, fail, grid, load_env, to_config
 from normscale.config import Config, NormscaleError
 from normscale.fileio import write_json
 from normscale.layout import (CONFIG_FILE, FAILED_FILE, identity_diff, max_steps_change, read_config,
@@ -105,49 +106,7 @@ class Point:
         return ""
 
 
-def compose(overrides: list[str], hydra_config: bool = False):
-    """Hydra's composition of `overrides` (its errors as one-line ConfigErrors)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from normscale.cli import CONF_DIR, hydra_errors
-
-    with hydra_errors(), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_config)
-
-
-def grid(overrides: list[str]) -> list[list[str]]:
-    """Every point of the sweep: the fixed overrides plus one value of each swept key (Hydra's grammar)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from normscale.cli import check_overrides, hydra_errors
-
-    check_overrides(overrides)
-    parser = OverridesParser.create()
-    with hydra_errors():
-        command_line = parser.parse_overrides(overrides)
-    fixed = [o.input_line for o in command_line if not o.is_sweep_override()]
-    preset = compose(fixed, hydra_config=True)
-
-    def values(override) -> list[str]:  # a single value (no sweep) is a one-point axis, as for Hydra's sweeper
-        key = override.get_key_element()
-        if not override.is_sweep_override():
-            return [override.input_line]
-        return [f"{key}={v}" for v in override.sweep_string_iterator()]
-
-    with hydra_errors():
-        swept = {key: values(parser.parse_override(f"{key}={value}"))
-                 for key, value in (preset.hydra.sweeper.params or {}).items()}
-    for override in command_line:
-        key = override.get_key_element()
-        swept.pop(key, None)  # the command line wins, and its keys come last
-        if override.is_sweep_override():
-            swept[key] = values(override)
-    return [fixed + list(choice) for choice in itertools.product(*swept.values())]
-
-
 def resolve(point: list[str]) -> Point:
-    from normscale.cli import to_config
-
     config: Config = to_config(compose(point))
     return Point(point, config.experiment_dir / "runs" / run_name(point, config.seed), config.training_kwargs.max_steps,
                  config)
@@ -266,8 +225,6 @@ def progress(overrides: list[str]) -> str:
     """`<resume step> <max_steps> <run dir>` of one run (step 0 before any resume state): slurm/common.sh compares
     it before and after a preempted run to decide on a requeue, and its validation (one line, exit 2, as the entry
     point says it) is the check the scripts make once before they start the run's processes."""
-    from normscale.cli import check_overrides
-
     check_overrides(overrides)
     run = resolve(overrides)
     return f"{run.step() or 0} {run.max_steps} {run.run_dir}"
@@ -335,8 +292,6 @@ def _expand(part: str) -> list[int]:
 
 
 def main() -> None:
-    from normscale.cli import fail, load_env
-
     parser = argparse.ArgumentParser(prog="python -m normscale.sweep", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_plan = sub.add_parser("plan", help="list the sweep's points; --submit sends the array to SLURM")
