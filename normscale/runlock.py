@@ -169,9 +169,11 @@ class RunLock:
         removed after STALE_TAKEOVER_SECONDS)."""
         marker = self.path.with_name(f".{LOCK_FILE}.takeover")
         if not self._create(marker):
-            age = time.time() - marker.stat().st_mtime if marker.exists() else 0.0
-            if age > STALE_TAKEOVER_SECONDS:
-                marker.unlink(missing_ok=True)
+            try:
+                if time.time() - marker.stat().st_mtime > STALE_TAKEOVER_SECONDS:
+                    marker.unlink(missing_ok=True)
+            except FileNotFoundError:  # the other contender finished meanwhile
+                pass
             return False
         try:
             current = read_record(self.path)
@@ -180,7 +182,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             return self._create(self.path)
         finally:
-            marker.unlink()
+            marker.unlink(missing_ok=True)
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="normscale-run-lock", daemon=True)

@@ -231,7 +231,8 @@ def progress(overrides: list[str]) -> str:
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """{"<job>_<task>": (state, exit code)} of array tasks from sacct (the latest record of each)."""
+    """{"<job>_<task>": (state, exit code)} of array tasks: sacct's latest record of each, overlaid with squeue's
+    state of the tasks still in the queue (the accounting database learns of a start seconds after the controller)."""
     if not job_ids:
         return {}
     out = subprocess.run(["sacct", "-n", "-X", "-P", "--format=JobID,State,ExitCode", "-j", ",".join(job_ids)],
@@ -240,6 +241,12 @@ def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     for line in out.splitlines():
         job, state, code = line.split("|")
         states[job] = (state.split()[0], code)
+    live = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(job_ids)], capture_output=True, text=True)
+    if live.returncode and "invalid job id" not in live.stderr.lower():  # (all of them left the queue: nothing live)
+        raise subprocess.CalledProcessError(live.returncode, live.args, live.stdout, live.stderr)
+    for line in live.stdout.splitlines() if live.returncode == 0 else []:
+        job, state = line.split("|")
+        states[job] = (state, states.get(job, ("", ""))[1])
     return states
 
 

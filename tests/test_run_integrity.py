@@ -452,7 +452,8 @@ def test_six_processes_taking_over_one_dead_lock_leave_exactly_one_holder(tmp_pa
         go = time.time() + 2.0
         procs = [subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(go)], cwd=ROOT, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(6)]
-        outs = [p.communicate(timeout=60)[0] for p in procs]
+        results = [p.communicate(timeout=60) for p in procs]
+        outs = [out + err for out, err in results]
         winners = [o for o in outs if o.startswith("won")]
         assert len(winners) == 1, outs  # usually the taker; or one whose create came between removal and re-create
         assert sorted(p.returncode for p in procs) == [0] + [75] * 5, outs
