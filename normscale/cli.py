@@ -46,6 +46,11 @@ def fail(message: str, code: int = 2):
         print(f"normscale: error: {message}", file=sys.stderr, flush=True)
     elif code not in SAME_ON_EVERY_RANK:
         print(f"normscale: rank {info.rank}: {message}", file=sys.stderr, flush=True)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sys.stdout.flush()
+        os._exit(code)  # gloo's threads can abort a normal interpreter exit (INFRA.md), and the launcher would then
+        # kill the other ranks before they report their own code
     sys.exit(code)
 
 
