@@ -55,6 +55,14 @@ def wait_for(predicate, timeout: float = 120, every: float = 0.05):
     raise AssertionError("timed out waiting")
 
 
+def preempted(cache: Path, *args: str) -> None:
+    """Start a run, let it save its first resume state, then preempt it (SIGTERM: saved, exit 0)."""
+    proc = start(cache, *args)
+    wait_for(lambda: list(cache.glob("experiments/*/t/runs/*/resume/state.json")))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 0
+
+
 def holds_lock(cache: Path, proc: subprocess.Popen) -> bool:
     """Whether `proc` holds its run's lock (so its signal handlers are installed: train() installs them first)."""
     lock = next(cache.glob(f"experiments/*/*/runs/*/{LOCK_FILE}"), None)
@@ -388,10 +396,7 @@ def test_a_full_disk_stops_training_with_one_line_and_keeps_what_was_finished(tm
 def test_a_resume_under_another_world_size_is_refused(tmp_path):
     """Saved by one process, resumed by two (launch/cpu.sh): refused with one line, exit 2, the state untouched."""
     cache = tmp_path / "cache"
-    proc = start(cache, "training_kwargs.max_steps=400")
-    wait_for(lambda: list(cache.glob("experiments/*/t/runs/*/resume/state.json")))
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait() == 0
+    preempted(cache, "training_kwargs.max_steps=400")
     before = tree_bytes(the_run(cache))
     result = subprocess.run(["bash", "launch/cpu.sh", "2", "-m", "normscale.train", *TINY, "training_kwargs.max_steps=400"],
                             cwd=ROOT, env={**os.environ, "CACHE_DIR": str(cache), "PYTHON": sys.executable},
@@ -424,10 +429,7 @@ def test_a_two_process_run_holds_one_lock_and_refuses_a_second_launch(tmp_path):
 
 def test_a_run_resumed_under_other_code_says_so(tmp_path):
     cache = tmp_path / "cache"
-    proc = start(cache, "training_kwargs.max_steps=400")
-    wait_for(lambda: list(cache.glob("experiments/*/t/runs/*/resume/state.json")))
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait() == 0
+    preempted(cache, "training_kwargs.max_steps=400")
     record_path = (the_run(cache) / "resume").resolve() / "state.json"
     record = json.loads(record_path.read_text())
     assert record["provenance"]["libraries"]["torch"] == torch.__version__
