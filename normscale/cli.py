@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from normscale import settings
 from normscale.config import (Config, ConfigError, NormscaleError, RunFailedError, RunHeldError, RunRefusedError,
                               resolve_cache_dir, schema_keys)
 
@@ -55,7 +56,10 @@ def fail(message: str, code: int = 2):
 
 
 def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """The config files of a group; for `setting`, also the settings registered from outside normscale (their
+    config files come through hydra.searchpath)."""
+    files = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    return sorted(files | set(settings.names()) if group == "setting" else files)
 
 
 def check_overrides(args: list[str]) -> None:

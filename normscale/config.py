@@ -13,7 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SETTINGS = ("balls_and_urns", "linear_regression", "classification")
+from normscale import settings
+
 TASK_PRIORS = ("uniform", "power_law", "constant_freq")
 SCHEDULES = ("sqrt_schedule", "linear_schedule", "end_only")
 MODELS = ("transformer", "mlp", "hf_gpt_neox", "bayes", "llm")
@@ -277,7 +278,7 @@ class Config:
         return config
 
     def check(self) -> None:
-        _choice("setting", self.setting, SETTINGS)
+        _choice("setting", self.setting, settings.names())
         _choice("model", self.model, MODELS)
         if self.model == "hf_gpt_neox" and self.model_kwargs.parametrization == "mup":
             raise ConfigError("model=hf_gpt_neox trains transformers' GPTNeoX as the predecessor did (sp only); "

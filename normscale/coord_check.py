@@ -18,9 +18,9 @@ import torch
 
 from normscale.config import Config, ModelConfig, TaskConfig
 from normscale.data.priors import task_prior_weights
-from normscale.data.tasks import draw_tasks, sample_sequences
-from normscale.metrics import sequence_losses
 from normscale.model import build_model, optimizer_groups
+from normscale.settings import get as get_setting
+from normscale.settings import names as setting_names
 
 LAYER_ORDER = ("read-in", "attention", "mlp", "hidden", "final hidden", "logits")
 
@@ -37,14 +37,15 @@ def layer_type(name: str) -> str | None:
     return None
 
 
-def batches(setting: str, task: TaskConfig, batch_size: int, steps: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    tasks = {k: torch.as_tensor(v) for k, v in draw_tasks(setting, task, task.num_tasks, np.random.default_rng(seed)).items()}
+def batches(setting, batch_size: int, steps: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    task = setting.task
+    tasks = {k: torch.as_tensor(v) for k, v in setting.draw_tasks(task.num_tasks, np.random.default_rng(seed)).items()}
     weights = torch.as_tensor(task_prior_weights(task.prior, task.num_tasks, task.prior_exponent))
     generator = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps + 1):
         ids = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-        out.append(sample_sequences(setting, task, tasks, ids, generator, context_weights=weights))
+        out.append(setting.sample(tasks, ids, generator, weights))
     return out
 
 
@@ -55,7 +56,7 @@ def coord_data(setting: str = "balls_and_urns", parametrization: str = "mup", wi
     """Rows {parametrization, width, step, layer, mean_abs}: step s is measured after s AdamW updates."""
     task = task or TaskConfig(num_dims=8, context_length=32, num_tasks=64)
     base = dataclasses.replace(model_kwargs or ModelConfig(num_layers=2), parametrization=parametrization)
-    data = batches(setting, task, batch_size, steps, seed)
+    data = batches(get_setting(setting, task), batch_size, steps, seed)
     rows = []
     for width in widths:
         config = dataclasses.replace(Config(), setting=setting, model=model, task_kwargs=task,
@@ -72,7 +73,7 @@ def coord_data(setting: str = "balls_and_urns", parametrization: str = "mup", wi
                  for name, module in net.named_modules() if (kind := layer_type(name))]
         for step, batch in enumerate(data):
             sizes.clear()
-            loss = sequence_losses(setting, net(batch), batch).mean()
+            loss = get_setting(setting, task).objective(net(batch), batch).mean()
             rows += [{"parametrization": parametrization, "width": width, "step": step, "layer": kind,
                       "mean_abs": float(np.mean(values))} for kind, values in sizes.items()]
             if step < steps:
@@ -143,8 +144,7 @@ def write_outputs(rows: list[dict], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m normscale.coord_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--setting", default="balls_and_urns",
-                        choices=["balls_and_urns", "linear_regression", "classification"])
+    parser.add_argument("--setting", default="balls_and_urns", choices=setting_names())
     parser.add_argument("--model", default="transformer", choices=["transformer", "mlp"])
     parser.add_argument("--parametrization", default="both", choices=["mup", "sp", "both"])
     parser.add_argument("--widths", default="64,128,256,512,1024", help="comma-separated hidden sizes")

@@ -59,15 +59,16 @@ import torch
 from normscale.checkpoints import CheckpointError, load_checkpoint
 from normscale.config import Config, FaultError, NormscaleError
 from normscale.data import load_eval_splits, load_single_task_split, load_task_pools, plan_data, prepare_data
-from normscale.data.dataset import SEQUENCE_TASK_PARAMS, MixtureDataset
+from normscale.data.dataset import MixtureDataset
 from normscale.data.priors import task_prior_weights
 from normscale.data.store import read_manifest, to_torch
 from normscale.layout import (CONFIG_FILE, METRICS_FILES, identity_hash, list_checkpoints, read_config,
                               write_config)
-from normscale.metrics import as_predictions, pointwise, summarize
-from normscale.model import TRAINABLE, build_bayes, build_model
+from normscale.metrics import predict, summarize
+from normscale.model import TRAINABLE, build_model
 from normscale.provenance import provenance
 from normscale.results import eval_settings, existing_result, save_metrics
+from normscale.settings import get as get_setting
 
 # normscale.dist (and with it accelerate) is imported where it is used, so that importing this module for its
 # metrics-file helpers (normscale.collate, a notebook) stays light.
@@ -87,7 +88,8 @@ class ModelEvaluator:
         self.config, self.accelerator = config, accelerator
         self.rank, self.world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         self.device = accelerator.device if accelerator else torch.device("cpu")
-        ev, setting = config.eval_kwargs, config.setting
+        ev = config.eval_kwargs
+        self.setting = get_setting(config.setting, config.task_kwargs)
         plan = plan_data(config)
         self.directory, self.data_key = plan.directory, plan.key
         if read_manifest(plan.directory) is None:
@@ -98,7 +100,7 @@ class ModelEvaluator:
             arrays = {s: {k: v[:n] for k, v in a.items()} for s, a in load_eval_splits(plan.directory).items()}
         else:
             arrays = {"single_task": load_single_task_split(config, ev.sequences_per_task)}
-        self.splits = {s: to_torch(a, setting) for s, a in arrays.items()}
+        self.splits = {s: to_torch(a, self.setting) for s, a in arrays.items()}
         for split in self.splits.values():  # a row's identity, whatever batch or rank scores it (LLM colour mappings)
             split["sequence_index"] = torch.arange(len(split["task_ids"]))
         pools = load_task_pools(plan.directory)
@@ -108,8 +110,7 @@ class ModelEvaluator:
         self._references: dict[str, dict[str, torch.Tensor]] = {}
 
     def predictor(self, kind: str) -> torch.nn.Module:
-        predictor = build_bayes(self.config.setting, kind, self.config.task_kwargs, self.train_tasks, self.log_prior)
-        return predictor.to(self.device)
+        return self.setting.predictor(kind, self.train_tasks, self.log_prior).to(self.device)
 
     def references(self, split: str) -> dict[str, torch.Tensor]:
         """M's and G's predictions on a split (computed on first use, split across ranks like any model)."""
@@ -133,7 +134,7 @@ class ModelEvaluator:
         for b in (range(self.rank, rounds * self.world, self.world) if collective else range(self.rank, count, self.world)):
             batch = {k: v[(b if b < count else 0) * size:((b if b < count else 0) + 1) * size].to(self.device)
                      for k, v in arrays.items()}
-            predictions = as_predictions(self.config.setting, model(batch), self.config.task_kwargs.num_dims).cpu()
+            predictions = predict(self.setting, model, batch).cpu()
             coverage = getattr(model, "coverage", None)
             if b < count:
                 mine[b] = (self.rank, predictions, None if coverage is None else coverage.float().cpu())
@@ -154,7 +155,7 @@ class ModelEvaluator:
         """Every split: SPEC C scalars and per-position arrays, the fit subset's predictions, and what
         eval_kwargs asks for besides (per-task metrics in single_task mode, predictions and labels, hidden states);
         for LLMs the candidate coverage (scalar `coverage` and per position)."""
-        ev, setting = self.config.eval_kwargs, self.config.setting
+        ev, setting = self.config.eval_kwargs, self.setting
         results = {"splits": {}}
         for split, arrays in self.splits.items():
             predictions, by_rank, coverage = self.predict(model, split, collective)
@@ -170,7 +171,7 @@ class ModelEvaluator:
             results["splits"][split] = summary
             if ev.return_all:
                 results.setdefault("predictions", {})[split] = predictions
-                results.setdefault("labels", {})[split] = labels(setting, arrays)
+                results.setdefault("labels", {})[split] = setting.labels(arrays)
             if ev.save_hidden_states:
                 results.setdefault("hidden_states", {})[split] = self._hidden_states(model, arrays)
         return results
@@ -181,7 +182,7 @@ class ModelEvaluator:
         per_task = {"task_ids": torch.arange(D)}
         for k in range(D):
             rows = slice(k * n, (k + 1) * n)
-            scalars = summarize(self.config.setting, predictions[rows], refs["memorizing"][rows],
+            scalars = summarize(self.setting, predictions[rows], refs["memorizing"][rows],
                                 refs["generalizing"][rows], {a: v[rows] for a, v in arrays.items()})["scalars"]
             for name, value in scalars.items():
                 per_task.setdefault(name, torch.empty(D, dtype=torch.float64))[k] = value
@@ -200,31 +201,25 @@ class ModelEvaluator:
     @torch.no_grad()
     def strategy_loss(self, predictor: torch.nn.Module) -> dict:
         """SPEC D's L_s: the in-distribution loss of a predictor, median of the means of 10 groups of fresh
-        sequences from the D training tasks (urns KL(theta||q), regression (y - y^)^2 / (2 sigma^2), classification
-        CE), each group from its own named stream; groups are split across ranks."""
-        config, setting = self.config, self.config.setting
+        sequences from the D training tasks (the setting's strategy_loss: urns KL(theta||q), regression
+        (y - y^)^2 / (2 sigma^2), classification CE), each group from its own named stream; groups are split across
+        ranks."""
+        config, setting = self.config, self.setting
         size = config.eval_kwargs.strategy_loss_sequences // STRATEGY_LOSS_GROUPS
-        dataset = MixtureDataset(setting, config.task_kwargs, self.train_tasks, config.task_kwargs.prior,
-                                 batch_size=size, seed=config.seed)
+        dataset = MixtureDataset(setting, self.train_tasks, config.task_kwargs.prior, batch_size=size, seed=config.seed)
         means = {}
         for g in range(self.rank, STRATEGY_LOSS_GROUPS, self.world):
-            batch = dataset.sample(size, f"strategy_loss/{g}", exclude_query=False)
-            ids = batch["task_ids"].numpy()
-            batch |= {name: torch.from_numpy(self.train_tasks[source][ids])
-                      for name, source in SEQUENCE_TASK_PARAMS[setting].items()}
+            batch = dataset.with_task_params(dataset.sample(size, f"strategy_loss/{g}"))
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            per = pointwise(setting, as_predictions(setting, predictor(batch), config.task_kwargs.num_dims), batch)
-            loss = {"balls_and_urns": per["kl"], "classification": per["loss"],
-                    "linear_regression": per["loss"] / (2 * config.task_kwargs.sigma2)}[setting]
+            loss = setting.strategy_loss(setting.pointwise(predict(setting, predictor, batch), batch), batch)
             means[g] = loss.double().mean().item()
         if self.accelerator:
             from normscale.dist.accel import gather_indexed
 
             means = gather_indexed(self.accelerator, means)
         group_means = [means[g] for g in range(STRATEGY_LOSS_GROUPS)]
-        measure = {"balls_and_urns": "kl", "linear_regression": "squared_error/(2 sigma2)", "classification": "ce"}
         return {"median_of_means": float(np.median(group_means)), "group_means": group_means,
-                "num_sequences": size * STRATEGY_LOSS_GROUPS, "measure": measure[setting]}
+                "num_sequences": size * STRATEGY_LOSS_GROUPS, "measure": setting.strategy_measure}
 
     def header(self) -> dict:
         manifest = read_manifest(self.directory)
@@ -233,11 +228,6 @@ class ModelEvaluator:
                 "eval_hashes": {name: entry["sha256"] for name, entry in manifest["files"].items()
                                 if not name.startswith("train/")},
                 "eval_kwargs": dataclasses.asdict(self.config.eval_kwargs)}
-
-
-def labels(setting: str, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
-    return {"balls_and_urns": lambda: arrays["tokens"][:, 1:], "linear_regression": lambda: arrays["ys"],
-            "classification": lambda: arrays["query_labels"]}[setting]()
 
 
 def trained_runs(config: Config) -> list[Path]:

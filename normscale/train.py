@@ -28,11 +28,12 @@ from normscale.fileio import write_json
 from normscale.layout import (CONFIG_FILE, EVAL_METRICS, FAILED_FILE, TRAIN_METRICS, identity_diff, identity_hash,
                               list_checkpoints, max_steps_change, read_config, read_failure, resume_states, resume_step,
                               run_name, write_config)
-from normscale.metrics import sequence_losses, task_metrics
+from normscale.metrics import metric_sums, predict
 from normscale.model import build_model
 from normscale.model.mup import optimizer_groups
 from normscale.provenance import provenance
 from normscale.runlock import LOCK_FILE, RunLock
+from normscale.settings import get as get_setting
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -84,11 +85,6 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-def tokens_per_sequence(config: Config) -> int:
-    C = config.task_kwargs.context_length
-    return {"balls_and_urns": C + 1, "linear_regression": 2 * C, "classification": 2 * C - 1}[config.setting]
-
-
 def init_wandb(config: Config, run_dir: Path, name: str):
     """A wandb run whose id derives from the run directory (a resumed run continues it); offline without a key."""
     import wandb
@@ -101,23 +97,25 @@ def init_wandb(config: Config, run_dir: Path, name: str):
 
 
 @torch.no_grad()
-def evaluate(model, config: Config, splits: dict, accelerator) -> dict[str, dict[str, float]]:
-    """Mean loss and task metrics of SPEC C on the first num_eval_batches of each saved eval split; every rank
-    scores its rows of each batch (so FSDP/ZeRO-3 forwards stay collective), sums are reduced."""
+def evaluate(model, setting, config: Config, splits: dict, accelerator) -> dict[str, dict[str, float]]:
+    """SPEC C's loss and task metric (normscale.metrics, as normscale.eval scores them) on the first
+    num_eval_batches of each saved eval split; every rank scores its rows of each batch (so FSDP/ZeRO-3 forwards
+    stay collective), sums and counts are reduced."""
     ev = config.eval_kwargs
     rows = rank_rows(ev.batch_size, accelerator.process_index, accelerator.num_processes)
     model.eval()
     results = {}
     for split, arrays in splits.items():
-        totals = None
+        totals, names = None, None
         for b in range(ev.num_eval_batches):
             start = b * ev.batch_size
             batch = {n: t[start:start + ev.batch_size][rows] for n, t in arrays.items()}
-            metrics = task_metrics(config.setting, model(batch), batch)
-            sums = torch.stack([m.sum() for m in metrics.values()])
+            sums, count = metric_sums(setting, predict(setting, model, batch), batch)
+            names = list(sums)
+            sums = torch.stack([*sums.values(), torch.tensor(count, dtype=torch.float64, device=accelerator.device)])
             totals = sums if totals is None else totals + sums
-        totals = accelerator.reduce(totals, "sum") / (ev.batch_size * ev.num_eval_batches)
-        results[split] = dict(zip(metrics, totals.tolist()))
+        totals = accelerator.reduce(totals, "sum")
+        results[split] = dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
     model.train()
     return results
 
@@ -237,6 +235,7 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
     rank, world = accelerator.process_index, accelerator.num_processes
     accelerator.print(f"normscale: run {run_dir} on {world} process(es), {accelerator.distributed_type}, "
                       f"device {accelerator.device}")
+    setting = get_setting(config.setting, config.task_kwargs)
     torch.manual_seed(stream_seed(config.seed, "init"))
     model = build_model(config)
     if training.compile:
@@ -259,7 +258,7 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
                               f"({record['provenance']['code_version']} -> {origin['code_version']})")
 
     batches = open_train_batches(config, prepared, rank, world, accelerator.device)
-    splits = {s: to_torch(a, config.setting, accelerator.device) for s, a in load_eval_splits(prepared.plan.directory).items()}
+    splits = {s: to_torch(a, setting, accelerator.device) for s, a in load_eval_splits(prepared.plan.directory).items()}
     schedule = set(config.checkpoint_steps) | {0}
     B = training.batch_size
     identity = {"identity_hash": identity_hash(config), "provenance": origin}
@@ -267,7 +266,7 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
 
     def checkpoint(step: int) -> None:
         save_checkpoint(accelerator, model, run_dir, step,
-                        {**meta, "step": step, "sequences_seen": step * B, "tokens_seen": step * B * tokens_per_sequence(config)})
+                        {**meta, "step": step, "sequences_seen": step * B, "tokens_seen": step * B * setting.tokens_per_sequence})
 
     from tqdm.auto import tqdm
     progress = tqdm(total=training.max_steps, initial=start, desc=f"{config.name} seed={config.seed}",
@@ -300,7 +299,7 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
             for part in range(micro):
                 chunk = {n: t.chunk(micro)[part] for n, t in batch.items()}
                 with accelerator.accumulate(model):
-                    losses = sequence_losses(config.setting, model(chunk), chunk)
+                    losses = setting.objective(model(chunk), chunk)
                     accelerator.backward(losses.mean())
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm) \
                         if accelerator.sync_gradients else None
@@ -315,11 +314,11 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
             if logging_step:
                 loss, count, finite = metrics.reduced(accelerator)
                 check_finite(done, finite)
-                record = {"step": done, "loss": (loss.sum() / count.sum()).item(), "lr": scheduler.get_last_lr()[0],
+                record = {"step": done, "objective": (loss.sum() / count.sum()).item(), "lr": scheduler.get_last_lr()[0],
                           "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "sequences_seen": done * B, "tokens_seen": done * B * tokens_per_sequence(config),
+                          "sequences_seen": done * B, "tokens_seen": done * B * setting.tokens_per_sequence,
                           "seconds_per_step": (time.perf_counter() - last_log) / training.log_every,
-                          "per_task_loss": (loss / count.clamp_min(1)).tolist(), "per_task_count": count.tolist()}
+                          "per_task_objective": (loss / count.clamp_min(1)).tolist(), "per_task_count": count.tolist()}
                 metrics.reset()
                 last_log = time.perf_counter()
                 if decided_on_main(accelerator, lambda: lock.lost):
@@ -327,11 +326,11 @@ def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: P
                                        "dead); stopping without saving")
                 if accelerator.is_main_process:
                     append_jsonl(run_dir / TRAIN_METRICS, record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    progress.set_postfix(objective=f"{record['objective']:.4f}")
                     if wandb_run:
                         wandb_run.log({k: v for k, v in record.items() if not k.startswith("per_task")}, step=done)
             if done % training.eval_every == 0 or done == training.max_steps:
-                results = evaluate(model, config, splits, accelerator)
+                results = evaluate(model, setting, config, splits, accelerator)
                 if accelerator.is_main_process:
                     append_jsonl(run_dir / EVAL_METRICS, {"step": done, **results})
                     if wandb_run:

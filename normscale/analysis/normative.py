@@ -24,7 +24,7 @@ here (`complexity_bits`): a program cost K0 = PROGRAM_BITS = 1024 bits, the same
 So K_M grows linearly in D and K_G does not depend on D.
 
 Fitting (`fit`): alpha in (0, 1), beta > 0 and gamma > 0 are optimised as (logit alpha, log beta, log gamma) by
-scipy's L-BFGS-B with analytic gradients, within BOUNDS, from INITIAL[setting] = (beta, alpha, gamma). The
+scipy's L-BFGS-B with analytic gradients, within BOUNDS, from the setting's fit_start = (beta, alpha, gamma). The
 objective is the mean over (N, D) cells of the per-cell loss (`cell_loss`): for categorical outputs (T, M, G
 log-probabilities; balls_and_urns (n, C, V), classification (n, 2)) KL(T || h) over the last axis, averaged over
 the others; for regression (linear_regression (n, C) predictions) the mean squared error between T and h. Only the
@@ -32,12 +32,13 @@ cells `split_cells` keeps are fitted (the first 80% of each D's checkpoints x th
 others are held out. Reported (`FitResult`): the fitted parameters, fit and held-out losses, the Pearson r between
 predicted and observed w_M on the held-out cells and on all cells, and N*(D) for every D.
 
-Public API: INITIAL, OUTPUT, PROGRAM_BITS, BOUNDS, complexity_bits, memorizing_weight, transition_step, Cell,
+Public API: PROGRAM_BITS, BOUNDS, complexity_bits, memorizing_weight, transition_step, Cell,
 predict, cell_loss, split_cells, fit, FitResult. All arithmetic is float64 whatever the inputs' dtype.
 """
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -46,30 +47,19 @@ from numpy.typing import ArrayLike
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit, logit
 
+from normscale import settings
+
 LN2 = math.log(2.0)
 PROGRAM_BITS = 1024.0  # K0: the fixed program cost shared by both strategies
 FLOAT_BITS = 32.0  # one stored float32 number
-SETTINGS = ("balls_and_urns", "linear_regression", "classification")
 STRATEGIES = ("memorizing", "generalizing")
 OUTPUTS = ("categorical", "regression")
-OUTPUT = {"balls_and_urns": "categorical", "linear_regression": "regression", "classification": "categorical"}
-INITIAL: dict[str, tuple[float, float, float]] = {  # (beta, alpha, gamma)
-    "balls_and_urns": (0.2, 0.6, 0.85),
-    "linear_regression": (0.3, 0.65, 0.01),
-    "classification": (0.12, 0.8, 1.5),
-}
 BOUNDS = {"alpha": (1e-4, 1 - 1e-4), "beta": (1e-4, 2.0), "gamma": (1e-12, 1e12)}
-_HYPERPARAMETERS = {"balls_and_urns": 1, "linear_regression": 2, "classification": 1}
-
-
-def _check_setting(setting: str) -> None:
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}: expected one of {SETTINGS}")
 
 
 def _check_output(output: str) -> None:
     if output not in OUTPUTS:
-        raise ValueError(f"unknown output {output!r}: expected one of {OUTPUTS} (see OUTPUT[setting])")
+        raise ValueError(f"unknown output {output!r}: expected one of {OUTPUTS} (a setting's Facts.output)")
 
 
 def _check_params(alpha: float, beta: float, gamma: float) -> None:
@@ -78,19 +68,18 @@ def _check_params(alpha: float, beta: float, gamma: float) -> None:
 
 
 def complexity_bits(setting: str, kind: str, num_tasks: int, num_dims: int, uniform_prior: bool = True) -> float:
-    """K_s(D) in bits (module docstring): PROGRAM_BITS plus 32 bits per stored number. num_dims is V (colours) for
-    balls_and_urns, d otherwise; uniform_prior=False adds the D-1 prior weights to the memorizing strategy."""
-    _check_setting(setting)
+    """K_s(D) in bits (module docstring): PROGRAM_BITS plus 32 bits per stored number (the setting's Facts say how
+    many: normscale.settings); uniform_prior=False adds the D-1 prior weights to the memorizing strategy."""
+    known = settings.facts(setting)
     if kind not in STRATEGIES:
         raise ValueError(f"unknown strategy kind {kind!r}: expected one of {STRATEGIES}")
-    if num_tasks < 1 or num_dims < (2 if setting == "balls_and_urns" else 1):
-        raise ValueError(f"need num_tasks >= 1 and num_dims >= 1 (V >= 2 colours for balls_and_urns); "
+    if num_tasks < 1 or num_dims < known.min_dims:
+        raise ValueError(f"need num_tasks >= 1 and num_dims >= {known.min_dims} for {setting}; "
                          f"got num_tasks={num_tasks}, num_dims={num_dims}")
     if kind == "generalizing":
-        return PROGRAM_BITS + FLOAT_BITS * _HYPERPARAMETERS[setting]
+        return PROGRAM_BITS + FLOAT_BITS * known.prior_numbers
     D, d = num_tasks, num_dims
-    tasks = {"balls_and_urns": FLOAT_BITS * D * (d - 1), "linear_regression": FLOAT_BITS * D * d,
-             "classification": FLOAT_BITS * D * d + D}[setting]
+    tasks = FLOAT_BITS * known.task_numbers(D, d) + known.task_bits(D)
     prior = 0.0 if uniform_prior else FLOAT_BITS * (D - 1)
     return PROGRAM_BITS + tasks + prior
 
@@ -114,11 +103,13 @@ def memorizing_weight(N: ArrayLike, K_M: ArrayLike, K_G: ArrayLike, L_M: ArrayLi
 
 
 def transition_step(K_M: float, K_G: float, L_M: float, L_G: float, alpha: float, beta: float, gamma: float) -> float:
-    """N*: the step where w_M = 1/2; NaN unless K_M > K_G and L_G > L_M (no crossing otherwise)."""
+    """N*: the step where w_M = 1/2; NaN unless K_M > K_G and L_G > L_M (no crossing otherwise), inf where it lies
+    beyond float64 (alpha near 1 makes the power huge)."""
     _check_params(alpha, beta, gamma)
     if not (K_M > K_G and L_G > L_M):
         return math.nan
-    return float((LN2 * (K_M**beta - K_G**beta) / (gamma * (L_G - L_M))) ** (1 / (1 - alpha)))
+    log_step = (math.log(LN2 * (K_M**beta - K_G**beta)) - math.log(gamma * (L_G - L_M))) / (1 - alpha)
+    return math.exp(log_step) if log_step < math.log(sys.float_info.max) else math.inf
 
 
 @dataclass
@@ -313,15 +304,15 @@ def _per_D_constants(cells: Sequence[Cell]) -> dict[int, tuple[float, float, flo
 def fit(cells: Sequence[Cell], setting: str, init: tuple[float, float, float] | None = None,
         fraction: float = 0.8) -> FitResult:
     """Fit (alpha, beta, gamma) to the cells `split_cells(cells, fraction)` keeps, from init = (beta, alpha, gamma)
-    (default INITIAL[setting]); evaluate on the held-out cells and on all cells. Categorical fits hold two float64
+    (default: the setting's fit_start); evaluate on the held-out cells and on all cells. Categorical fits hold two float64
     arrays the size of T per fit cell (about 4 MB for (256, 128, 8))."""
-    _check_setting(setting)
-    output = OUTPUT[setting]
+    known = settings.facts(setting)
+    output = known.output
     cells = list(cells)
     for c in cells:
         _check_cell(c, output)
     per_D = _per_D_constants(cells)
-    beta0, alpha0, gamma0 = INITIAL[setting] if init is None else init
+    beta0, alpha0, gamma0 = known.fit_start if init is None else init
     _check_params(alpha0, beta0, gamma0)
     is_fit = _fit_mask(cells, fraction)
     fit_cells = [c for c, f in zip(cells, is_fit) if f]

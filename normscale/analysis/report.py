@@ -24,13 +24,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from normscale import settings
 from normscale.analysis import figures, normative
 from normscale.collate import COLLATED_FILE, read_results
 from normscale.config import Config, NormscaleError
 from normscale.fileio import write_json
-
-TASK_METRIC = {"balls_and_urns": "kl", "linear_regression": "loss", "classification": "loss"}
-
 
 def observed_transition_step(steps: list[int], w_m: list[float]) -> int | None:
     """SPEC C: the first checkpoint after which w_M stays above 0.5 (None when the last one is not above it)."""
@@ -90,7 +88,7 @@ def analyze(config: Config) -> Path:
             f"name={config.name} setting={setting} model=bayes model_kwargs.kind=memorizing,generalizing`, then "
             "collate again")
     out = config.experiment_dir / "analysis"
-    metric = TASK_METRIC[setting]
+    metric = settings.facts(setting).report_metric
 
     strategy_losses = defaultdict(lambda: defaultdict(list))  # D -> kind -> [L_s per dataset]
     for (data_dir, kind), row in bayes.items():

@@ -34,9 +34,8 @@ import numpy as np
 import torch
 
 from normscale.config import Config, ConfigError, DataConfig, EvalConfig, NormscaleError, TaskConfig, TrainingConfig
-from normscale.data.dataset import (EVAL_SPLITS, MixtureDataset, draw_task_pools, make_eval_splits,
-                                    make_single_task_split)
-from normscale.data.tasks import BATCH_ARRAYS, batch_shapes, check_storable
+from normscale import settings
+from normscale.data.dataset import MixtureDataset, draw_task_pools, make_eval_splits, make_single_task_split
 from normscale.fileio import atomic_path, file_lock, sha256_bytes, write_json
 
 FORMAT_VERSION = 1
@@ -66,12 +65,9 @@ class DataPlan:
 
 def plan_data(config: Config) -> DataPlan:
     task, training, data = config.task_kwargs, config.training_kwargs, config.data_kwargs
-    check_storable(config.setting, task, max(task.num_tasks, task.num_ood_tasks))
-    if config.setting == "classification" and task.context_length < 2:
-        raise ConfigError("task_kwargs.context_length must be >= 2 for classification (context items plus the query)")
-    if config.setting == "classification" and task.num_tasks < 2:
-        raise ConfigError("task_kwargs.num_tasks must be >= 2 for classification (the IWL split excludes the query's exemplar)")
-    bytes_per_step = _bytes_per_step(config.setting, task, training.batch_size)
+    setting = settings.get(config.setting, task)
+    setting.check(max(task.num_tasks, task.num_ood_tasks))
+    bytes_per_step = _bytes_per_step(setting, training.batch_size)
     steps_per_shard = _steps_per_shard(data.shard_mb, bytes_per_step)
     spec = {"format": FORMAT_VERSION, "setting": config.setting, "task_kwargs": dataclasses.asdict(task),
             "sigma2": task.sigma2, "seed": config.seed, "batch_size": training.batch_size,
@@ -79,15 +75,15 @@ def plan_data(config: Config) -> DataPlan:
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     name = f"D{task.num_tasks}-{task.prior}-b{training.batch_size}-seed{config.seed}-{key}"
     num_shards = math.ceil(training.max_steps / steps_per_shard)
-    eval_bytes = len(EVAL_SPLITS[config.setting]) * _bytes_per_step(config.setting, task, data.eval_size)
+    eval_bytes = len(setting.eval_splits) * _bytes_per_step(setting, data.eval_size)
     return DataPlan(config.data_dir / name, key, spec, steps_per_shard, num_shards, bytes_per_step,
                     num_shards * steps_per_shard * bytes_per_step, eval_bytes)
 
 
-def _bytes_per_step(setting: str, task: TaskConfig, batch_size: int) -> int:
+def _bytes_per_step(setting, batch_size: int) -> int:
     """Uncompressed bytes of one stored batch of `batch_size` sequences."""
-    shapes = batch_shapes(setting, task, batch_size)
-    stored = BATCH_ARRAYS[setting]
+    shapes = setting.batch_shapes(batch_size)
+    stored = setting.batch_arrays
     return sum(math.prod(shapes[n]) * np.dtype(stored[n][0]).itemsize for n in shapes)
 
 
@@ -272,19 +268,20 @@ def _generate(config: Config, plan: DataPlan, names: list[str], manifest: dict,
     records ("differs" otherwise, and nothing is installed) and the manifest is left as it is."""
     if not names:
         return {}
-    task, seed, setting = config.task_kwargs, config.seed, config.setting
-    pools = draw_task_pools(setting, task, seed)
-    dataset = MixtureDataset(setting, task, pools["train"], task.prior, config.training_kwargs.batch_size, seed)
+    task, seed = config.task_kwargs, config.seed
+    setting = settings.get(config.setting, task)
+    pools = draw_task_pools(setting, seed)
+    dataset = MixtureDataset(setting, pools["train"], task.prior, config.training_kwargs.batch_size, seed)
     statuses = {}
     for name in names:
         if name == "tasks.h5":
             groups, attrs = pools, {}
         elif name.startswith("single_task-"):
             per_task = int(name.removeprefix("single_task-").removesuffix(".h5"))
-            arrays = make_single_task_split(setting, task, pools, per_task, seed)
+            arrays = make_single_task_split(setting, pools, per_task, seed)
             groups, attrs = {"single_task": arrays}, {"single_task": {"content_hash": content_hash(arrays)}}
         elif name == "eval.h5":
-            groups = make_eval_splits(setting, task, pools, config.data_kwargs.eval_size, seed)
+            groups = make_eval_splits(setting, pools, config.data_kwargs.eval_size, seed)
             attrs = {split: {"content_hash": content_hash(arrays)} for split, arrays in groups.items()}
         else:
             index = int(name.removeprefix("train/shard-").removesuffix(".h5"))
@@ -302,9 +299,9 @@ def _generate(config: Config, plan: DataPlan, names: list[str], manifest: dict,
 
 
 def _shard_arrays(dataset: MixtureDataset, plan: DataPlan, index: int) -> dict[str, np.ndarray]:
-    stored = BATCH_ARRAYS[dataset.setting]
+    stored = dataset.setting.batch_arrays
     first = index * plan.steps_per_shard
-    shapes = batch_shapes(dataset.setting, dataset.task, dataset.batch_size)
+    shapes = dataset.setting.batch_shapes(dataset.batch_size)
     arrays = {n: np.empty((plan.steps_per_shard, *shapes[n]), dtype=stored[n][0]) for n in stored}
     for i in range(plan.steps_per_shard):
         for n, tensor in dataset.batch(first + i).items():
@@ -413,7 +410,7 @@ def data_command(directory: Path, spec: dict, max_steps: int | None, shard_mb: f
             values["training_kwargs.save_steps.schedule"] = "end_only"
     values["data_kwargs.eval_size"] = spec["eval_size"]
     steps_per_shard = spec["steps_per_shard"]  # part of the key, also without shards
-    bytes_per_step = _bytes_per_step(spec["setting"], TaskConfig(**spec["task_kwargs"]), spec["batch_size"])
+    bytes_per_step = _bytes_per_step(settings.get(spec["setting"], TaskConfig(**spec["task_kwargs"])), spec["batch_size"])
     values["data_kwargs.shard_mb"] = shard_mb or _shard_mb(steps_per_shard, bytes_per_step)
     if max_steps:
         train_bytes = math.ceil(max_steps / steps_per_shard) * steps_per_shard * bytes_per_step
@@ -573,9 +570,10 @@ def _require_manifest(directory: Path) -> dict:
     return manifest
 
 
-def to_torch(arrays: dict[str, np.ndarray], setting: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Stored arrays -> the batch tensors models take (dtype conversion after the copy to the device)."""
-    used = BATCH_ARRAYS[setting]
+def to_torch(arrays: dict[str, np.ndarray], setting, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Stored arrays -> the batch tensors models take (dtype conversion after the copy to the device); `setting` is
+    a normscale.settings Setting."""
+    used = setting.batch_arrays
     return {n: torch.from_numpy(a).to(device, non_blocking=True).to(used[n][1]) if n in used
             else torch.from_numpy(a).to(device) for n, a in arrays.items()}
 
@@ -597,7 +595,7 @@ class ShardReader:
     environment; rank r gets rows [r*B/W, (r+1)*B/W) of every batch.
     """
 
-    def __init__(self, directory: Path, setting: str, rank: int = 0, world_size: int = 1,
+    def __init__(self, directory: Path, setting, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", read_ahead: bool = True):
         self.directory, self.setting, self.device = Path(directory), setting, device
         self.manifest = _require_manifest(self.directory)
@@ -641,8 +639,8 @@ class GeneratedBatches:
                  device: str | torch.device = "cpu"):
         batch_size = config.training_kwargs.batch_size
         self.rows = rank_rows(batch_size, rank, world_size)
-        self.dataset = MixtureDataset(config.setting, config.task_kwargs, tasks, config.task_kwargs.prior,
-                                      batch_size, config.seed, device)
+        self.dataset = MixtureDataset(settings.get(config.setting, config.task_kwargs), tasks,
+                                      config.task_kwargs.prior, batch_size, config.seed, device)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         return {n: t[self.rows] for n, t in self.dataset.batch(step).items()}
@@ -659,7 +657,8 @@ def open_train_batches(config: Config, prepared: PreparedData, rank: int = 0, wo
                        device: str | torch.device = "cpu"):
     """The train-batch source the config asks for, with the `batch(step)` interface."""
     if config.data_kwargs.source == "shards":
-        return ShardReader(prepared.plan.directory, config.setting, rank, world_size, device)
+        return ShardReader(prepared.plan.directory, settings.get(config.setting, config.task_kwargs), rank,
+                           world_size, device)
     return GeneratedBatches(config, load_task_pools(prepared.plan.directory)["train"], rank, world_size, device)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normscale import settings
 from normscale.config import Config
 from normscale.model.bayes import BayesPredictor, build_bayes
 from normscale.model.hf import HFGPTNeoX
@@ -18,18 +19,16 @@ MODEL_NAMES = (*TRAINABLE, "bayes")
 def build_model(config: Config, tasks: dict | None = None, log_prior: torch.Tensor | None = None) -> nn.Module:
     """The network or predictor `config.model` names, for `config.setting` and `config.task_kwargs`.
 
-    Trainable models take the batch dict of normscale.data.tasks and return urns (B, C, V+1) logits, regression
-    (B, C) predictions, classification (B, 2) logits; initialisation draws from torch's global generator (seed it
-    first). model=bayes needs `tasks` and `log_prior` for kind=memorizing (see build_bayes).
+    Trainable models take a batch dict of the setting and return the raw outputs its NetworkIO describes
+    (normscale.model.network_io); initialisation draws from torch's global generator (seed it first). model=bayes
+    needs `tasks` and `log_prior` for kind=memorizing (see build_bayes).
     """
+    setting = settings.get(config.setting, config.task_kwargs)
     if config.model == "bayes":
-        return build_bayes(config.setting, config.model_kwargs.kind, config.task_kwargs, tasks, log_prior)
-    if config.model == "transformer":
-        return Transformer(config.setting, config.task_kwargs, config.model_kwargs)
-    if config.model == "mlp":
-        return MLP(config.setting, config.task_kwargs, config.model_kwargs)
-    if config.model == "hf_gpt_neox":
-        return HFGPTNeoX(config.setting, config.task_kwargs, config.model_kwargs)
+        return setting.predictor(config.model_kwargs.kind, tasks, log_prior)
+    networks = {"transformer": Transformer, "mlp": MLP, "hf_gpt_neox": HFGPTNeoX}
+    if config.model in networks:
+        return networks[config.model](setting.network_io, config.model_kwargs)
     raise ValueError(f"model={config.model!r} is not allowed; choose one of: {', '.join(MODEL_NAMES)}")
 
 

@@ -1,10 +1,10 @@
 """The MLP baseline (DESIGN): position t is predicted from the flattened, zero-padded prefix plus a one-hot of t.
 
 The input of position t is the sequence's C position blocks flattened, blocks after t set to zero, then a one-hot
-of t (C entries). A block holds the token of that position: urns the one-hot of tokens[:, s] (V+1 entries, start
-token included: output t reads tokens[:, :t+1] and predicts tokens[:, t+1]); regression (x_s, y_s) and
-classification (x~_s, 2 l_s - 1), d+1 entries, whose y part is zero at and after t itself (prediction t sees x_<=t and
-y_<t: the transformer's y~ tokens, without their always-zero entries). Classification predicts the query only.
+of t (C entries). A block holds the input of that position (normscale.model.network_io): token ids one-hot (urns:
+V+1 entries, start token included, so output t reads tokens[:, :t+1] and predicts tokens[:, t+1]); pairs (x_s, y_s),
+d+1 entries, whose y part is zero at and after t itself (prediction t sees x_<=t and y_<t: the transformer's y~
+tokens, without their always-zero entries). It knows no setting: its NetworkIO says what it reads and predicts.
 
 The network is num_layers hidden layers of width hidden_size * mlp_expansion_factor (GELU), then a read-out: the
 same width the Transformer's MLP has, so mlp_expansion_factor titrates capacity alike and the muP width multiplier
@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normscale.config import ModelConfig, TaskConfig
+from normscale.config import ModelConfig
 from normscale.model import mup
-from normscale.model.transformer import check_setting, mlp_width, output_size
+from normscale.model.network_io import NetworkIO
+from normscale.model.transformer import mlp_width
 
 
 class PrefixLinear(nn.Linear):
@@ -45,29 +46,25 @@ class PrefixLinear(nn.Linear):
 
 
 class MLP(nn.Module):
-    def __init__(self, setting: str, task: TaskConfig, model: ModelConfig):
+    def __init__(self, io: NetworkIO, model: ModelConfig):
         super().__init__()
-        check_setting(setting)
         mup.check_parametrization(model)
-        self.setting = setting
+        self.io = io
         width = mlp_width(model)
-        self.read_in = PrefixLinear(task.context_length, task.num_dims + 1, width)  # V+1 one-hot, or (x, y)
+        block = io.input_size if io.inputs == "ids" else io.input_size + 1  # a one-hot id, or (x, y)
+        self.read_in = PrefixLinear(io.context_length, block, width)
         self.hidden = nn.ModuleList(mup.hidden_linear(width, width) for _ in range(model.num_layers - 1))
-        self.read_out = mup.Readout(width, output_size(setting, task), model)
+        self.read_out = mup.Readout(width, io.output_size, model)
         mup.assign_scales(self, model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.setting == "balls_and_urns":
-            tokens = batch["tokens"][:, :-1]
-            h = self.read_in(F.one_hot(tokens, self.read_in.block).to(self.read_in.weight.dtype))
+        if self.io.inputs == "ids":
+            h = self.read_in(F.one_hot(self.io.read(batch), self.read_in.block).to(self.read_in.weight.dtype))
         else:
-            xs = batch["xs"]
-            ys = batch["ys"] if self.setting == "linear_regression" else (2 * batch["labels"] - 1).to(xs.dtype)
-            h = self.read_in(xs, ys)
-        if self.setting == "classification":
+            h = self.read_in(*self.io.read(batch))
+        if self.io.predicts == "last":
             h = h[:, -1]
         h = F.gelu(h)
         for layer in self.hidden:
             h = F.gelu(layer(h))
-        out = self.read_out(h)
-        return out.squeeze(-1) if self.setting == "linear_regression" else out
+        return self.io.squeeze(self.read_out(h))

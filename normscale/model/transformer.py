@@ -1,4 +1,5 @@
-"""A GPT-NeoX-like Transformer with setting-specific read-in and read-out (SPEC A, the training contract).
+"""A GPT-NeoX-like Transformer: hidden states to hidden states, between the read-in and read-out its NetworkIO
+asks for (SPEC A, the training contract). It knows no setting.
 
 Architecture as the predecessor's GPT-NeoX (transformers' GPTNeoXConfig with use_parallel_residual=False,
 attention_bias=False): pre-LayerNorm blocks h += attn(LN(h)); h += mlp(LN(h)), rotary position embedding on the
@@ -6,11 +7,9 @@ first quarter of each head's dimensions (GPT-NeoX's rotary_pct 0.25, rotate-half
 through scaled_dot_product_attention, a GELU MLP of width hidden_size * mlp_expansion_factor, a final LayerNorm.
 No dropout. Parameter names and the fused per-head [q | k | v] layout match GPT-NeoX's, so weights map one to one.
 
-Inputs and outputs per setting:
-  balls_and_urns     embedding of tokens[:, :-1] (V+1 ids)               -> (B, C, V+1) logits
-  linear_regression  x_1, y~_1, ..., x_C with y~ = (y, 0..0), linear read-in -> (B, C) predictions at the x positions
-  classification     x~_1, l_1, ..., x~_{C-1}, l_{C-1}, x~_q with l = (2y-1, 0..0), linear read-in
-                                                                        -> (B, 2) logits at the query
+Read-in (normscale.model.network_io): token ids -> an embedding; pairs -> a linear read-in of the interleaved tokens
+x_1, y~_1, ..., x_C. Read-out: a linear layer at the predicted positions (every position, the x positions, or the
+last one).
 Initialisation and muP scaling are functions of shapes (normscale.model.mup).
 """
 from __future__ import annotations
@@ -19,17 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normscale.config import SETTINGS, ModelConfig, TaskConfig
+from normscale.config import ModelConfig
 from normscale.model import mup
+from normscale.model.network_io import NetworkIO, interleave
 
 ROTARY_FRACTION = 0.25  # GPT-NeoX's rotary_pct
 ROTARY_BASE = 10_000.0
 LAYER_NORM_EPS = 1e-5
-
-
-def check_setting(setting: str) -> None:
-    if setting not in SETTINGS:
-        raise ValueError(f"setting={setting!r} is not allowed; choose one of: {', '.join(SETTINGS)}")
 
 
 def mlp_width(model: ModelConfig) -> int:
@@ -38,23 +33,6 @@ def mlp_width(model: ModelConfig) -> int:
         raise ValueError(f"model_kwargs.mlp_expansion_factor={model.mlp_expansion_factor} times hidden_size="
                          f"{model.hidden_size} gives an MLP of width {width}; it must be >= 1")
     return width
-
-
-def output_size(setting: str, task: TaskConfig) -> int:
-    return {"balls_and_urns": task.num_dims + 1, "linear_regression": 1, "classification": 2}[setting]
-
-
-def sequence_length(setting: str, task: TaskConfig) -> int:
-    return task.context_length if setting == "balls_and_urns" else 2 * task.context_length - 1
-
-
-def interleave(setting: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Continuous settings: the (B, 2C-1, d) token sequence x_1, y~_1, ..., x_C (labels l = 2y-1 for classification)."""
-    xs = batch["xs"]
-    ys = batch["ys"] if setting == "linear_regression" else (2 * batch["labels"] - 1).to(xs.dtype)
-    y_tokens = F.pad(ys[..., None], (0, xs.shape[-1] - 1))
-    B, C, d = xs.shape
-    return torch.stack([xs, y_tokens], dim=2).reshape(B, 2 * C, d)[:, :-1]
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, rotary_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,38 +95,40 @@ class Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def check_heads(model: ModelConfig) -> None:
+    if model.hidden_size % model.num_heads:
+        raise ValueError(f"model_kwargs.hidden_size={model.hidden_size} must be divisible by "
+                         f"model_kwargs.num_heads={model.num_heads}")
+
+
+def sequence_read_in(io: NetworkIO, width: int) -> nn.Module:
+    """The read-in of a sequence model: an embedding of token ids, or a linear map of the interleaved pair tokens."""
+    return mup.embedding(io.input_size, width) if io.inputs == "ids" else mup.input_linear(io.input_size, width)
+
+
+def sequence_tokens(io: NetworkIO, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What a sequence model's read-in takes: (B, C) ids, or the (B, 2C-1, d) interleaved pair tokens."""
+    return io.read(batch) if io.inputs == "ids" else interleave(*io.read(batch))
+
+
 class Transformer(nn.Module):
-    def __init__(self, setting: str, task: TaskConfig, model: ModelConfig):
+    def __init__(self, io: NetworkIO, model: ModelConfig):
         super().__init__()
-        check_setting(setting)
         mup.check_parametrization(model)
-        if model.hidden_size % model.num_heads:
-            raise ValueError(f"model_kwargs.hidden_size={model.hidden_size} must be divisible by "
-                             f"model_kwargs.num_heads={model.num_heads}")
-        self.setting = setting
+        check_heads(model)
+        self.io = io
         H = model.hidden_size
-        if setting == "balls_and_urns":
-            self.read_in = mup.embedding(task.num_dims + 1, H)
-        else:
-            self.read_in = mup.input_linear(task.num_dims, H)
+        self.read_in = sequence_read_in(io, H)
         self.layers = nn.ModuleList(Layer(model) for _ in range(model.num_layers))
         self.final_layer_norm = nn.LayerNorm(H, eps=LAYER_NORM_EPS)
-        self.read_out = mup.Readout(H, output_size(setting, task), model)
+        self.read_out = mup.Readout(H, io.output_size, model)
         mup.assign_scales(self, model)
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.setting == "balls_and_urns":
-            h = self.read_in(batch["tokens"][:, :-1])
-        else:
-            h = self.read_in(interleave(self.setting, batch))
+        h = self.read_in(sequence_tokens(self.io, batch))
         for layer in self.layers:
             h = layer(h)
         return self.final_layer_norm(h)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = self.hidden_states(batch)
-        if self.setting == "balls_and_urns":
-            return self.read_out(h)
-        if self.setting == "linear_regression":
-            return self.read_out(h[:, ::2]).squeeze(-1)
-        return self.read_out(h[:, -1])
+        return self.io.squeeze(self.read_out(self.io.sequence_positions(self.hidden_states(batch))))
