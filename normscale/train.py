@@ -205,11 +205,13 @@ def fail_run(run_dir: Path, step: int, last_finite: int, reason: str) -> None:
 
 
 def train(config: Config, overrides: list[str]) -> Path:
+    """config -> data -> model -> wrap -> loop, for the run directory the overrides name."""
     preemption = Preemption()  # first: a signal during start-up stops the run at its first step boundary
     keep_freed_memory()
     accelerator = make_accelerator(config)
     run_dir = config.experiment_dir / "runs" / run_name(overrides, config.seed)
-    check_budget(config, plan_data(config))  # data problems surface before anything is written
+    plan = plan_data(config)
+    check_budget(config, plan)  # data problems surface before anything is written
     lock = RunLock(run_dir) if accelerator.is_main_process else None
     try:
         note = decided_on_main(accelerator, lambda: lock.acquire())
@@ -220,9 +222,23 @@ def train(config: Config, overrides: list[str]) -> Path:
             accelerator.print(f"normscale: {run_dir} is complete ({done} steps); overwrite=true trains it again")
             return run_dir
         replacing = config.overwrite and (run_dir / CONFIG_FILE).exists()
-        prepared = prepare_data(config, verify=replacing)  # one process generates, the others wait and reuse
+        prepared = prepare_data(config, plan, verify=replacing)  # one process generates, the others wait and reuse
         decided_on_main(accelerator, lambda: prepare_run_files(config, run_dir, overrides, replacing))
-        run_loop(config, run_dir, prepared, accelerator, preemption, lock)
+        accelerator.print(f"normscale: run {run_dir} on {accelerator.num_processes} process(es), "
+                          f"{accelerator.distributed_type}, device {accelerator.device}")
+
+        setting = get_setting(config.setting, config.task_kwargs)
+        batches = open_train_batches(config, prepared, accelerator.process_index, accelerator.num_processes,
+                                     accelerator.device)
+        splits = {s: to_torch(a, setting, accelerator.device) for s, a in load_eval_splits(plan.directory).items()}
+        torch.manual_seed(stream_seed(config.seed, "init"))
+        model = build_model(config)
+        model, optimizer, scheduler = wrap(model, config.training_kwargs, accelerator)
+        loop = Loop(config, setting, run_dir, accelerator, model, optimizer, scheduler, lock)
+        loop.resume()
+        run_loop(loop, batches, hooks=[LogTraining(), Evaluate(splits), WandbLog(), ProgressBar(),
+                                        SaveState(preemption, set(config.checkpoint_steps))])
+        finish(loop, preemption)
     finally:
         if lock is not None:
             lock.release()
@@ -230,132 +246,247 @@ def train(config: Config, overrides: list[str]) -> Path:
     return run_dir
 
 
-def run_loop(config: Config, run_dir: Path, prepared, accelerator, preemption: Preemption, lock: RunLock | None) -> None:
-    training = config.training_kwargs
-    rank, world = accelerator.process_index, accelerator.num_processes
-    accelerator.print(f"normscale: run {run_dir} on {world} process(es), {accelerator.distributed_type}, "
-                      f"device {accelerator.device}")
-    setting = get_setting(config.setting, config.task_kwargs)
-    torch.manual_seed(stream_seed(config.seed, "init"))
-    model = build_model(config)
+def wrap(model, training, accelerator):
+    """The optimizer and schedule of `model` (muP groups), all prepared by Accelerate (DDP | FSDP | DeepSpeed)."""
     if training.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay those of the plain model
     optimizer = torch.optim.AdamW(optimizer_groups(model, training.learning_rate, training.weight_decay),
                                   betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, training.warmup_steps, training.max_steps, training.lr_schedule))
-    model, optimizer, scheduler = prepare(accelerator, model, optimizer, scheduler)
-    metrics = TrainingMetrics(config.task_kwargs.num_tasks, accelerator.device)
-    start, accumulators, record = load_resume(accelerator, run_dir, identity_hash(config))
-    metrics.load(accumulators)
-    origin = provenance()
-    if accelerator.is_main_process:
-        truncate_metrics(run_dir, start)
-    if start:
-        accelerator.print(f"normscale: resumed at step {start}")
-        if record.get("provenance", origin)["code_version"] != origin["code_version"]:
-            accelerator.print(f"normscale: note: the code changed since this run was saved "
-                              f"({record['provenance']['code_version']} -> {origin['code_version']})")
+    return prepare(accelerator, model, optimizer, scheduler)
 
-    batches = open_train_batches(config, prepared, rank, world, accelerator.device)
-    splits = {s: to_torch(a, setting, accelerator.device) for s, a in load_eval_splits(prepared.plan.directory).items()}
-    schedule = set(config.checkpoint_steps) | {0}
-    B = training.batch_size
-    identity = {"identity_hash": identity_hash(config), "provenance": origin}
-    meta = {**identity, "setting": config.setting, "model": config.model, "batch_size": B, "world_size": world}
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(accelerator, model, run_dir, step,
-                        {**meta, "step": step, "sequences_seen": step * B, "tokens_seen": step * B * setting.tokens_per_sequence})
+def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One optimizer step on this rank's rows of a global batch, in gradient_accumulation_steps chunks: forward, the
+    setting's objective, backward, clipping, AdamW, the schedule. Returns each chunk's (task_ids, objectives) and
+    sets loop.grad_norm (None until gradients are synchronised)."""
+    training, accelerator, model = loop.config.training_kwargs, loop.accelerator, loop.model
+    micro = training.gradient_accumulation_steps
+    chunks = []
+    for part in range(micro):
+        chunk = {n: t.chunk(micro)[part] for n, t in batch.items()}
+        with accelerator.accumulate(model):
+            losses = loop.setting.objective(model(chunk), chunk)
+            accelerator.backward(losses.mean())
+            loop.grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm) \
+                if accelerator.sync_gradients else None
+            loop.optimizer.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+        chunks.append((chunk["task_ids"], losses))
+    loop.scheduler.step()
+    return chunks
 
-    from tqdm.auto import tqdm
-    progress = tqdm(total=training.max_steps, initial=start, desc=f"{config.name} seed={config.seed}",
-                    dynamic_ncols=True, disable=not accelerator.is_main_process)
-    last_finite = start
 
-    def check_finite(step: int, finite: bool) -> None:
-        nonlocal last_finite
+def run_loop(loop: Loop, batches, hooks: list[Hook]) -> None:
+    """Train from loop.step to max_steps; after each step every hook runs in order (one may stop the loop)."""
+    try:
+        for step in range(loop.step, loop.config.training_kwargs.max_steps):
+            loop.chunks = train_step(loop, batches.batch(step))
+            loop.step, loop.logged = step + 1, {}
+            for hook in hooks:
+                hook.after_step(loop)
+            if loop.stopping:
+                break
+    finally:  # closed before any error line is printed
+        for hook in hooks:
+            hook.close(loop)
+
+
+def finish(loop: Loop, preemption: Preemption) -> None:
+    check_replicas_identical(loop.accelerator, loop.model)
+    done, max_steps = loop.step, loop.config.training_kwargs.max_steps
+    if preemption.interrupted and done < max_steps:
+        raise InterruptedRunError(f"interrupted (Ctrl-C) at step {done}: resume state saved in {loop.run_dir}; "
+                                  "the same command resumes it")
+    if done == max_steps and loop.results is not None:
+        summary = ", ".join(f"{s} {k} {v:.4f}" for s, r in loop.results.items() for k, v in r.items())
+        loop.accelerator.print(f"normscale: trained {done} steps; {summary}; checkpoints in {loop.run_dir}")
+
+
+class Loop:
+    """What the step and the hooks share: the run's objects and where training stands."""
+
+    def __init__(self, config: Config, setting, run_dir: Path, accelerator, model, optimizer, scheduler,
+                 lock: RunLock | None):
+        self.config, self.setting, self.run_dir, self.accelerator = config, setting, run_dir, accelerator
+        self.model, self.optimizer, self.scheduler, self.lock = model, optimizer, scheduler, lock
+        self.metrics = TrainingMetrics(config.task_kwargs.num_tasks, accelerator.device)
+        self.identity = {"identity_hash": identity_hash(config), "provenance": provenance()}
+        self.step = self.last_finite = 0
+        self.grad_norm = None
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.logged: dict[str, dict] = {}  # what this step logged, by kind ("train", "eval"), for the sinks
+        self.results: dict | None = None  # the last evaluation
+        self.stopping = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def is_due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.config.training_kwargs.max_steps
+
+    def seen(self, step: int) -> dict[str, int]:
+        B = self.config.training_kwargs.batch_size
+        return {"sequences_seen": step * B, "tokens_seen": step * B * self.setting.tokens_per_sequence}
+
+    def resume(self) -> None:
+        """Continue from the run's resume state, if any (else write checkpoint 0)."""
+        start, accumulators, record = load_resume(self.accelerator, self.run_dir, self.identity["identity_hash"])
+        self.metrics.load(accumulators)
+        self.step = self.last_finite = start
+        if self.is_main:
+            truncate_metrics(self.run_dir, start)
+        if start:
+            self.accelerator.print(f"normscale: resumed at step {start}")
+            origin = self.identity["provenance"]["code_version"]
+            saved = record.get("provenance", self.identity["provenance"])["code_version"]
+            if saved != origin:
+                self.accelerator.print(f"normscale: note: the code changed since this run was saved ({saved} -> {origin})")
+        else:
+            self.save_checkpoint()
+
+    def check_finite(self, finite: bool) -> None:
+        """Record the run as failed (RunFailedError) if anything since the last check was not finite."""
         if finite:
-            last_finite = step
+            self.last_finite = self.step
             return
-        reason = f"the training loss or gradient norm is not finite between steps {last_finite} and {step}"
-        if accelerator.is_main_process:
-            fail_run(run_dir, step, last_finite, reason)
-        raise RunFailedError(f"run {run_dir} failed: {reason}; recorded in {FAILED_FILE}, checkpoints up to step "
-                             f"{last_finite} kept; lower training_kwargs.learning_rate, then train it again with "
+        reason = f"the training loss or gradient norm is not finite between steps {self.last_finite} and {self.step}"
+        if self.is_main:
+            fail_run(self.run_dir, self.step, self.last_finite, reason)
+        raise RunFailedError(f"run {self.run_dir} failed: {reason}; recorded in {FAILED_FILE}, checkpoints up to step "
+                             f"{self.last_finite} kept; lower training_kwargs.learning_rate, then train it again with "
                              "overwrite=true")
 
-    if start == 0:
-        checkpoint(0)
-    wandb_run = init_wandb(config, run_dir, run_dir.name) if config.logging.wandb and accelerator.is_main_process else None
-    micro = training.gradient_accumulation_steps
-    last_log = time.perf_counter()
-    done, results = start, None
-    preemption.training = True
+    def save_checkpoint(self) -> None:
+        training = self.config.training_kwargs
+        meta = {**self.identity, "setting": self.config.setting, "model": self.config.model,
+                "batch_size": training.batch_size, "world_size": self.accelerator.num_processes, "step": self.step,
+                **self.seen(self.step)}
+        save_checkpoint(self.accelerator, self.model, self.run_dir, self.step, meta)
 
-    with progress:  # closed before any error line is printed
-        for step in range(start, training.max_steps):
-            batch = batches.batch(step)
-            for part in range(micro):
-                chunk = {n: t.chunk(micro)[part] for n, t in batch.items()}
-                with accelerator.accumulate(model):
-                    losses = setting.objective(model(chunk), chunk)
-                    accelerator.backward(losses.mean())
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm) \
-                        if accelerator.sync_gradients else None
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                metrics.add(chunk["task_ids"], losses, grad_norm)
-            scheduler.step()
-            done = step + 1
-            progress.update(1)
 
-            logging_step = done % training.log_every == 0 or done == training.max_steps
-            if logging_step:
-                loss, count, finite = metrics.reduced(accelerator)
-                check_finite(done, finite)
-                record = {"step": done, "objective": (loss.sum() / count.sum()).item(), "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "sequences_seen": done * B, "tokens_seen": done * B * setting.tokens_per_sequence,
-                          "seconds_per_step": (time.perf_counter() - last_log) / training.log_every,
-                          "per_task_objective": (loss / count.clamp_min(1)).tolist(), "per_task_count": count.tolist()}
-                metrics.reset()
-                last_log = time.perf_counter()
-                if decided_on_main(accelerator, lambda: lock.lost):
-                    raise RunHeldError(f"run {run_dir}: another process took over its lock (this one was judged "
-                                       "dead); stopping without saving")
-                if accelerator.is_main_process:
-                    append_jsonl(run_dir / TRAIN_METRICS, record)
-                    progress.set_postfix(objective=f"{record['objective']:.4f}")
-                    if wandb_run:
-                        wandb_run.log({k: v for k, v in record.items() if not k.startswith("per_task")}, step=done)
-            if done % training.eval_every == 0 or done == training.max_steps:
-                results = evaluate(model, setting, config, splits, accelerator)
-                if accelerator.is_main_process:
-                    append_jsonl(run_dir / EVAL_METRICS, {"step": done, **results})
-                    if wandb_run:
-                        wandb_run.log({f"eval/{s}/{k}": v for s, r in results.items() for k, v in r.items()}, step=done)
-            stopping = done < training.max_steps and preemption_agreed(preemption, accelerator, done, training.log_every)
-            if (done in schedule or stopping) and not logging_step:
-                check_finite(done, metrics.reduced(accelerator)[2])  # nothing non-finite is ever saved
-            if done in schedule:
-                checkpoint(done)
-            if done in schedule or stopping:
-                save_resume(accelerator, run_dir, done, metrics.state, identity)
-            if stopping:
-                accelerator.print(f"normscale: preempted; resume state saved at step {done}")
-                preemption.hand_over()
-                break
+class Hook:
+    """A side effect of training: `after_step` runs after every optimizer step, `close` once the loop ends."""
 
-    check_replicas_identical(accelerator, model)
-    if wandb_run:
-        wandb_run.finish()
-    if preemption.interrupted and done < training.max_steps:
-        raise InterruptedRunError(f"interrupted (Ctrl-C) at step {done}: resume state saved in {run_dir}; "
-                                  "the same command resumes it")
-    if done == training.max_steps and results is not None:
-        summary = ", ".join(f"{s} {k} {v:.4f}" for s, r in results.items() for k, v in r.items())
-        accelerator.print(f"normscale: trained {done} steps; {summary}; checkpoints in {run_dir}")
+    def after_step(self, loop: Loop) -> None:
+        pass
+
+    def close(self, loop: Loop) -> None:
+        pass
+
+
+class LogTraining(Hook):
+    """Per-task objectives and gradient norms accumulate every step; at logging steps they are reduced, checked to be
+    finite, and written to train_metrics.jsonl. Also where a run that lost its lock stops."""
+
+    def __init__(self):
+        self.last_log = time.perf_counter()
+
+    def after_step(self, loop):
+        for task_ids, losses in loop.chunks:
+            loop.metrics.add(task_ids, losses, loop.grad_norm)
+        if not loop.is_due(loop.config.training_kwargs.log_every):
+            return
+        loss, count, finite = loop.metrics.reduced(loop.accelerator)
+        loop.check_finite(finite)
+        every = loop.config.training_kwargs.log_every
+        record = {"step": loop.step, "objective": (loss.sum() / count.sum()).item(), "lr": loop.scheduler.get_last_lr()[0],
+                  "grad_norm": None if loop.grad_norm is None else float(loop.grad_norm), **loop.seen(loop.step),
+                  "seconds_per_step": (time.perf_counter() - self.last_log) / every,
+                  "per_task_objective": (loss / count.clamp_min(1)).tolist(), "per_task_count": count.tolist()}
+        loop.metrics.reset()
+        self.last_log = time.perf_counter()
+        if decided_on_main(loop.accelerator, lambda: loop.lock.lost):
+            raise RunHeldError(f"run {loop.run_dir}: another process took over its lock (this one was judged "
+                               "dead); stopping without saving")
+        if loop.is_main:
+            append_jsonl(loop.run_dir / TRAIN_METRICS, record)
+        loop.logged["train"] = record
+
+
+class Evaluate(Hook):
+    """Every eval_every steps (and at the end): SPEC C's metrics on the saved eval splits, to eval_metrics.jsonl."""
+
+    def __init__(self, splits: dict[str, dict[str, torch.Tensor]]):
+        self.splits = splits
+
+    def after_step(self, loop):
+        if loop.is_due(loop.config.training_kwargs.eval_every):
+            loop.results = evaluate(loop.model, loop.setting, loop.config, self.splits, loop.accelerator)
+            if loop.is_main:
+                append_jsonl(loop.run_dir / EVAL_METRICS, {"step": loop.step, **loop.results})
+            loop.logged["eval"] = loop.results
+
+
+class WandbLog(Hook):
+    """What this step logged, to wandb (main process, logging.wandb=true; offline without WANDB_API_KEY)."""
+
+    def __init__(self):
+        self.run = None
+
+    def after_step(self, loop):
+        if not (loop.config.logging.wandb and loop.is_main) or not loop.logged:
+            return
+        if self.run is None:
+            self.run = init_wandb(loop.config, loop.run_dir, loop.run_dir.name)
+        values = {}
+        if "train" in loop.logged:
+            values |= {k: v for k, v in loop.logged["train"].items() if not k.startswith("per_task")}
+        if "eval" in loop.logged:
+            values |= {f"eval/{s}/{k}": v for s, r in loop.logged["eval"].items() for k, v in r.items()}
+        self.run.log(values, step=loop.step)
+
+    def close(self, loop):
+        if self.run is not None:
+            self.run.finish()
+
+
+class ProgressBar(Hook):
+    def __init__(self):
+        self.bar = None
+
+    def after_step(self, loop):
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            training = loop.config.training_kwargs
+            self.bar = tqdm(total=training.max_steps, initial=loop.step - 1, dynamic_ncols=True,
+                            desc=f"{loop.config.name} seed={loop.config.seed}", disable=not loop.is_main)
+        self.bar.update(1)
+        if "train" in loop.logged:
+            self.bar.set_postfix(objective=f"{loop.logged['train']['objective']:.4f}")
+
+    def close(self, loop):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class SaveState(Hook):
+    """Checkpoints on the schedule, the resume state with them, and preemption: on a signal every rank agrees to stop
+    at the same step, saves the resume state, and the signal's previous handler (submitit's requeue) runs. Nothing
+    non-finite is ever saved."""
+
+    def __init__(self, preemption: Preemption, checkpoint_steps: set[int]):
+        self.preemption, self.checkpoint_steps = preemption, checkpoint_steps
+        preemption.training = True
+
+    def after_step(self, loop):
+        training = loop.config.training_kwargs
+        checkpoint = loop.step in self.checkpoint_steps
+        loop.stopping = loop.step < training.max_steps and preemption_agreed(
+            self.preemption, loop.accelerator, loop.step, training.log_every)
+        if not (checkpoint or loop.stopping):
+            return
+        if "train" not in loop.logged:  # a logging step has just checked
+            loop.check_finite(loop.metrics.reduced(loop.accelerator)[2])
+        if checkpoint:
+            loop.save_checkpoint()
+        save_resume(loop.accelerator, loop.run_dir, loop.step, loop.metrics.state, loop.identity)
+        if loop.stopping:
+            loop.accelerator.print(f"normscale: preempted; resume state saved at step {loop.step}")
+            self.preemption.hand_over()
 
 
 def preemption_agreed(preemption: Preemption, accelerator, step: int, every: int) -> bool:

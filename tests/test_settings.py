@@ -16,7 +16,6 @@ from conftest import ROOT, run_module
 from normscale import settings
 from normscale.collate import read_results
 from normscale.config import ConfigError, ModelConfig, TaskConfig
-from normscale.data.priors import task_prior_weights
 from normscale.metrics import metric_sums, summarize
 from normscale.model.hf import HFGPTNeoX
 from normscale.model.mlp import MLP

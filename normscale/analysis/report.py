@@ -16,7 +16,6 @@ Bayes rows, averaged over the datasets (seeds) with that D; K_s(D) is normative.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path

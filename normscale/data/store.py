@@ -112,7 +112,8 @@ class PreparedData:
     repaired: dict[str, str] = field(default_factory=dict)  # file (or manifest.json) -> what was wrong, what was done
 
 
-def prepare_data(config: Config, verify: bool = False, train_shards: bool = True) -> PreparedData:
+def prepare_data(config: Config, plan: DataPlan | None = None, verify: bool = False,
+                 train_shards: bool = True) -> PreparedData:
     """Make sure the task pools, eval sets and (source=shards and `train_shards`) the train shards up to max_steps
     exist.
 
@@ -122,9 +123,10 @@ def prepare_data(config: Config, verify: bool = False, train_shards: bool = True
     With `verify` (the data command) every file the manifest lists is checked by sha256, and the damaged ones are
     regenerated under the lock, each installed only if its sha256 equals the manifest's (byte-identical to the
     original), then verified; a damaged or missing manifest is rebuilt from the files, each compared with a fresh
-    generation. `repaired` says what was done, one entry per file.
+    generation. `repaired` says what was done, one entry per file. `plan`: the command's plan_data(config), when it
+    has one already.
     """
-    plan = plan_data(config)
+    plan = plan or plan_data(config)
     if train_shards:
         check_budget(config, plan)
     directory = plan.directory
