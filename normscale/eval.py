@@ -61,7 +61,7 @@ from normscale.config import Config, FaultError, NormscaleError
 from normscale.data import load_eval_splits, load_single_task_split, load_task_pools, plan_data, prepare_data
 from normscale.data.dataset import MixtureDataset
 from normscale.data.priors import task_prior_weights
-from normscale.data.store import read_manifest, to_torch
+from normscale.data.store import DataPlan, read_manifest, to_torch
 from normscale.layout import (CONFIG_FILE, METRICS_FILES, identity_hash, list_checkpoints, read_config,
                               write_config)
 from normscale.metrics import predict, summarize
@@ -82,15 +82,15 @@ SINGLE_SHOT_PREFIXES = ("bayes-", "llm-")
 class ModelEvaluator:
     """Scores models on one dataset's saved eval sets (standard: the ID/OOD(/IWL) splits, a prefix of
     num_eval_batches x batch_size sequences; single_task: sequences_per_task of every training task), batch by batch,
-    against the memorizing and generalizing predictors on the same sequences (computed once, then reused)."""
+    against the memorizing and generalizing predictors on the same sequences (computed once, then reused). `plan`:
+    the command's plan_data(config), when it has one already."""
 
-    def __init__(self, config: Config, accelerator=None):
+    def __init__(self, config: Config, accelerator=None, plan: DataPlan | None = None):
         self.config, self.accelerator = config, accelerator
         self.rank, self.world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         self.device = accelerator.device if accelerator else torch.device("cpu")
-        ev = config.eval_kwargs
+        ev, plan = config.eval_kwargs, plan or plan_data(config)
         self.setting = get_setting(config.setting, config.task_kwargs)
-        plan = plan_data(config)
         self.directory, self.data_key = plan.directory, plan.key
         if read_manifest(plan.directory) is None:
             raise NormscaleError(f"no data in {plan.directory}: train the run first, or generate its data with "
@@ -99,7 +99,7 @@ class ModelEvaluator:
             n = ev.batch_size * ev.num_eval_batches
             arrays = {s: {k: v[:n] for k, v in a.items()} for s, a in load_eval_splits(plan.directory).items()}
         else:
-            arrays = {"single_task": load_single_task_split(config, ev.sequences_per_task)}
+            arrays = {"single_task": load_single_task_split(config, ev.sequences_per_task, plan)}
         self.splits = {s: to_torch(a, self.setting) for s, a in arrays.items()}
         for split in self.splits.values():  # a row's identity, whatever batch or rank scores it (LLM colour mappings)
             split["sequence_index"] = torch.arange(len(split["task_ids"]))
@@ -308,8 +308,9 @@ def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
     evaluator, written, skipped, run_configs = None, [], list(unreadable), {}
     for run, step in todo:
         if run not in run_configs:
-            run_configs[run] = with_eval_kwargs(saved[run], config)
-        run_config = run_configs[run]
+            run_config = with_eval_kwargs(saved[run], config)
+            run_configs[run] = (run_config, plan_data(run_config))
+        run_config, plan = run_configs[run]
         checkpoint = run / f"checkpoint-{step}"
         loaded, problem = None, None
         if accelerator.is_main_process:  # verified once; the other ranks follow the main process's verdict
@@ -324,8 +325,8 @@ def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
             skipped.append(f"{run.name}/{checkpoint.name}")
             continue
         weights, meta = loaded or load_checkpoint(checkpoint)
-        if evaluator is None or evaluator.directory != plan_data(run_config).directory:
-            evaluator = ModelEvaluator(run_config, accelerator)
+        if evaluator is None or evaluator.directory != plan.directory:
+            evaluator = ModelEvaluator(run_config, accelerator, plan)
         model = build_model(run_config)
         model.load_state_dict(weights)
         results = evaluator.evaluate(model.to(accelerator.device))
@@ -357,14 +358,15 @@ def verified_checkpoint(path: Path, identity: str) -> tuple[dict[str, torch.Tens
     return weights, meta
 
 
-def experiment_datasets(config: Config, **changes) -> list[tuple[Path, Config]]:
-    """Every dataset the experiment's trained runs used (the config's own when nothing is trained), each with a
-    config for it: the run's task and data, this command's eval_kwargs, CACHE_DIR and `changes`."""
+def experiment_datasets(config: Config, **changes) -> list[tuple[DataPlan, Config]]:
+    """Every dataset the experiment's trained runs used (the config's own when nothing is trained): its data plan and
+    a config for it (the run's task and data, this command's eval_kwargs, CACHE_DIR and `changes`), by directory."""
     sources = list(saved_configs(trained_runs(config), lambda line: print(line, file=sys.stderr))[0].values()) or [config]
-    datasets: dict[Path, Config] = {}
+    datasets: dict[Path, tuple[DataPlan, Config]] = {}
     for source in sources:
-        datasets.setdefault(plan_data(source).directory, with_eval_kwargs(source, config, **changes))
-    return sorted(datasets.items())
+        plan = plan_data(source)
+        datasets.setdefault(plan.directory, (plan, with_eval_kwargs(source, config, **changes)))
+    return [datasets[directory] for directory in sorted(datasets)]
 
 
 def evaluate_single_shot(config: Config, accelerator, label: str, kind: str | None, changes: dict,
@@ -376,8 +378,8 @@ def evaluate_single_shot(config: Config, accelerator, label: str, kind: str | No
 
     filename = METRICS_FILES[config.eval_kwargs.mode]
     wanted = eval_settings(dataclasses.asdict(config.eval_kwargs), config.model)
-    datasets = [(directory, dataset_config, config.experiment_dir / "runs" / label / directory.name)
-                for directory, dataset_config in experiment_datasets(config, **changes)]
+    datasets = [(plan, dataset_config, config.experiment_dir / "runs" / label / plan.directory.name)
+                for plan, dataset_config in experiment_datasets(config, **changes)]
     chosen = None
     if accelerator.is_main_process:  # decided once, like the checkpoints
         chosen = []
@@ -396,20 +398,20 @@ def evaluate_single_shot(config: Config, accelerator, label: str, kind: str | No
                 chosen.append(i)
     todo = [datasets[i] for i in broadcast_from_main(accelerator, chosen)]
     written = []
-    for directory, dataset_config, out in todo:
+    for plan, dataset_config, out in todo:
         if accelerator.is_main_process:
-            prepare_data(dataset_config, train_shards=False)
+            prepare_data(dataset_config, plan, train_shards=False)
         accelerator.wait_for_everyone()
-        evaluator = ModelEvaluator(dataset_config, accelerator)
+        evaluator = ModelEvaluator(dataset_config, accelerator, plan)
         results = score(evaluator)
         if accelerator.is_main_process:
             write_config(out, dataset_config, overrides)
             save_metrics(out / filename, {**evaluator.header(), "model": dataset_config.model, "kind": kind,
-                                          "run": f"{label}/{directory.name}", "step": None,
+                                          "run": f"{label}/{plan.directory.name}", "step": None,
                                           "identity_hash": identity_hash(dataset_config), "provenance": provenance(),
                                           "checkpoint_meta": None, **results})
             summary = ", ".join(f"{split} w_M {r['scalars']['w_M']:.3f}" for split, r in results["splits"].items())
-            accelerator.print(f"normscale: {label} on {directory.name}: {summary} -> {out / filename}")
+            accelerator.print(f"normscale: {label} on {plan.directory.name}: {summary} -> {out / filename}")
         written.append(out / filename)
     accelerator.wait_for_everyone()
     return written

@@ -540,12 +540,13 @@ def load_eval_splits(directory: Path) -> dict[str, dict[str, np.ndarray]]:
     return splits
 
 
-def load_single_task_split(config: Config, per_task: int) -> dict[str, np.ndarray]:
+def load_single_task_split(config: Config, per_task: int, plan: DataPlan | None = None) -> dict[str, np.ndarray]:
     """`per_task` sequences of every training task (task k's rows are k*per_task ... (k+1)*per_task - 1), saved in
-    the data directory with a content hash the first time they are asked for, verified on every later load."""
+    the data directory with a content hash the first time they are asked for, verified on every later load.
+    `plan`: the command's plan_data(config), when it has one already."""
     if per_task < 1:
         raise ConfigError(f"eval_kwargs.sequences_per_task={per_task} must be >= 1")
-    plan, name = plan_data(config), f"single_task-{per_task}.h5"
+    plan, name = plan or plan_data(config), f"single_task-{per_task}.h5"
     manifest, damaged = _read_plan_manifest(plan)
     if damaged or manifest is None or name not in manifest["files"]:
         with file_lock(plan.directory / ".lock"):
