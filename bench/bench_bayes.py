@@ -48,19 +48,21 @@ def measure(impl: str, D: int, dtype_name: str, repeats: int, save: str | None) 
     import numpy as np
     import torch
 
+    from normscale import settings
     from normscale.config import TaskConfig
     from normscale.data.priors import task_prior_weights
     from normscale.data.seeds import numpy_generator, torch_generator
-    from normscale.data.tasks import draw_tasks, sample_sequences
     from normscale.model import build_bayes
 
     dtype = getattr(torch, dtype_name)
     task = TaskConfig(num_tasks=D, num_dims=V, context_length=C)
-    tasks = draw_tasks("balls_and_urns", task, D, numpy_generator(0, "bench-tasks"))
+    urns = settings.get("balls_and_urns", task)
+    tasks = urns.draw_tasks(D, numpy_generator(0, "bench-tasks"))
     log_prior = torch.as_tensor(np.log(task_prior_weights("uniform", D)))
+    weights = torch.as_tensor(task_prior_weights("uniform", D))  # the urns' sampling does not use them
     g = torch_generator(0, "bench-sequences")
     ids = torch.randint(0, D, (B,), generator=g)
-    tokens = sample_sequences("balls_and_urns", task, {"theta": torch.as_tensor(tasks["theta"])}, ids, g)["tokens"]
+    tokens = urns.sample({"theta": torch.as_tensor(tasks["theta"])}, ids, g, weights)["tokens"]
     if impl == "normscale":
         model = build_bayes("balls_and_urns", "memorizing", task, tasks, log_prior, dtype=dtype)
         run = lambda: model({"tokens": tokens})  # noqa: E731

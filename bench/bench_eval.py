@@ -41,7 +41,7 @@ from bench_bayes import machine, naive_memorizing, write_section  # noqa: E402
 from bench_train import compose  # noqa: E402
 from normscale.data import prepare_data  # noqa: E402
 from normscale.eval import ModelEvaluator  # noqa: E402
-from normscale.metrics import as_predictions, relative_w_m, summarize  # noqa: E402
+from normscale.metrics import predict, relative_w_m, summarize  # noqa: E402
 from normscale.model import build_model  # noqa: E402
 
 SECTION = "## Evaluation throughput"
@@ -81,14 +81,14 @@ def predecessor_checkpoint(evaluator: ModelEvaluator, model, batch_size: int) ->
         sums, parts, total = dict.fromkeys(POOLED, 0.0), [], len(arrays["tokens"])
         for i in range(0, total, batch_size):
             batch = {k: v[i:i + batch_size] for k, v in arrays.items()}
-            predictions = as_predictions("balls_and_urns", model(batch), V)
+            predictions = predict(evaluator.setting, model, batch)
             tick = time.perf_counter()
             m = naive_memorizing(batch["tokens"], theta, log_prior)
             naive_time += time.perf_counter() - tick
             onehot = torch.nn.functional.one_hot(batch["tokens"][:, 1:], V).float()
             counts = onehot.cumsum(1) - onehot
             g = (counts + alpha).log() - (torch.arange(counts.shape[1]) + V * alpha).log()[:, None]
-            batch_scalars = summarize("balls_and_urns", predictions, m, g, batch)["scalars"]
+            batch_scalars = summarize(evaluator.setting, predictions, m, g, batch)["scalars"]
             for name in POOLED:
                 sums[name] += batch_scalars[name] * len(predictions) / total
             parts.append(m)

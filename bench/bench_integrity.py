@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 from bench_bayes import write_section  # noqa: E402
 from safetensors.torch import save  # noqa: E402
 
+from normscale import settings  # noqa: E402
 from normscale.checkpoints import _file_hashes, damage  # noqa: E402
 from normscale.cli import CONF_DIR, to_config  # noqa: E402
 from normscale.dist.accel import make_accelerator, save_resume  # noqa: E402
 from normscale.fileio import sha256_bytes  # noqa: E402
-from normscale.metrics import sequence_losses  # noqa: E402
 from normscale.model import build_model  # noqa: E402
 from normscale.model.mup import optimizer_groups  # noqa: E402
 from normscale.runlock import HEARTBEAT_SECONDS, RunLock  # noqa: E402
@@ -76,10 +76,11 @@ def main() -> None:
     batch = {"tokens": torch.randint(0, V, (B, C + 1)), "task_ids": torch.randint(0, config.task_kwargs.num_tasks, (B,))}
     metrics = TrainingMetrics(config.task_kwargs.num_tasks, accelerator.device)
     grad_norm = torch.tensor(1.0)
+    objective = settings.get(config.setting, config.task_kwargs).objective
 
     def step():
         nonlocal grad_norm
-        losses = sequence_losses(config.setting, model(batch), batch)
+        losses = objective(model(batch), batch)
         accelerator.backward(losses.mean())
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from normscale import settings  # noqa: E402
 from normscale.cli import CONF_DIR, to_config  # noqa: E402
 from normscale.data import GeneratedBatches, ShardReader, load_task_pools, prepare_data  # noqa: E402
 from normscale.data.store import format_bytes, plan_data, to_torch  # noqa: E402
@@ -44,7 +45,7 @@ def rate(fetch, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def naive_reader(directory: Path, setting: str, path: Path):
+def naive_reader(directory: Path, setting, path: Path):
     """Copy the shards into one default-layout HDF5 file, then read it the plain way: f[name][step]."""
     parts = {}
     for shard in sorted((directory / "train").glob("shard-*.h5")):
@@ -98,10 +99,11 @@ def main() -> None:
             config = config_for(Path(tmp), setting, steps)
             prepared = prepare_data(config)
             directory = prepared.plan.directory
-            ours = rate(ShardReader(directory, setting).batch, steps)
-            naive = rate(naive_reader(directory, setting, Path(tmp) / f"{setting}-naive.h5"), steps)
+            setting_obj = settings.get(setting, config.task_kwargs)
+            ours = rate(ShardReader(directory, setting_obj).batch, steps)
+            naive = rate(naive_reader(directory, setting_obj, Path(tmp) / f"{setting}-naive.h5"), steps)
             generated = rate(GeneratedBatches(config, load_task_pools(directory)["train"]).batch, min(steps, 2000))
-            consumer = train_step_rate(setting, ShardReader(directory, setting).batch(0))
+            consumer = train_step_rate(setting, ShardReader(directory, setting_obj).batch(0))
             print(f"{setting:<18} {format_bytes(prepared.plan.bytes_per_step):>9} {ours:>14.0f} {naive:>15.0f} "
                   f"{generated:>13.0f} {consumer:>13.1f} {ours / naive:>15.1f}x {ours / consumer:>14.0f}x")
 

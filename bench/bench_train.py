@@ -39,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from normscale import settings  # noqa: E402
 from normscale.cli import CONF_DIR, to_config  # noqa: E402
 from normscale.layout import run_name  # noqa: E402
 from normscale.data import ShardReader, prepare_data  # noqa: E402
@@ -98,13 +99,13 @@ class StepBatches(torch.utils.data.IterableDataset):
     """Sequences in step order: with batch size B and no shuffling, the Trainer's batch i is step i's batch.
     Worker w of W reads steps w, w+W, ...; the DataLoader takes batches from its workers in turn, so order holds."""
 
-    def __init__(self, directory: Path, steps: int):
-        self.directory, self.steps = directory, steps
+    def __init__(self, directory: Path, setting, steps: int):
+        self.directory, self.setting, self.steps = directory, setting, steps
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         first, stride = (info.id, info.num_workers) if info else (0, 1)
-        reader = ShardReader(self.directory, "balls_and_urns")
+        reader = ShardReader(self.directory, self.setting)
         for step in range(first, self.steps, stride):
             for tokens in reader.batch(step)["tokens"]:
                 yield {"input_ids": tokens, "labels": tokens}
@@ -113,7 +114,6 @@ class StepBatches(torch.utils.data.IterableDataset):
 def run_bare(cache_dir: Path, model_name: str, steps: int, window: int) -> float:
     """Child process: the bare training step of `model=model_name`, stepped by hand; steady-state steps/s."""
     from normscale.dist.accel import keep_freed_memory
-    from normscale.metrics import sequence_losses
     from normscale.model import optimizer_groups
 
     keep_freed_memory()
@@ -122,14 +122,15 @@ def run_bare(cache_dir: Path, model_name: str, steps: int, window: int) -> float
     model = build_model(config).to(device)
     optimizer = torch.optim.AdamW(optimizer_groups(model, training.learning_rate, training.weight_decay),
                                   betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
-    reader = ShardReader(prepare_data(config).plan.directory, config.setting, device=device)
+    setting = settings.get(config.setting, config.task_kwargs)
+    reader = ShardReader(prepare_data(config).plan.directory, setting, device=device)
     for step in range(steps):
         if step == window:
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
         batch = reader.batch(step)
-        sequence_losses(config.setting, model(batch), batch).mean().backward()
+        setting.objective(model(batch), batch).mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -159,7 +160,7 @@ def run_trainer(cache_dir: Path, option: str, steps: int, window: int) -> float:
         lr_scheduler_type="constant_with_warmup", warmup_steps=training.warmup_steps,
         **TRAINER_OPTIONS[option])
     model = build_model(config).net  # GPTNeoXForCausalLM: vocab V+1, hidden 64, 1 layer, 1 head, MLP 256, no dropout
-    dataset = StepBatches(prepare_data(config).plan.directory, steps)
+    dataset = StepBatches(prepare_data(config).plan.directory, settings.get(config.setting, config.task_kwargs), steps)
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=[StepEnds()]).train()
     return (steps - window) / (ends[steps - 1] - ends[window - 1])
 

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from normscale import settings
 from normscale.config import TaskConfig
 from normscale.data.priors import task_prior_weights
 from normscale.data.seeds import numpy_generator, torch_generator
-from normscale.data.tasks import draw_tasks, sample_sequences
 from normscale.model import BayesPredictor, build_bayes
 
 
 def setup(setting, D, d, C, prior="uniform", exponent=1.0, seed=0, **task_kwargs):
     task = TaskConfig(num_tasks=D, num_dims=d, context_length=C, prior=prior, prior_exponent=exponent, **task_kwargs)
-    tasks = draw_tasks(setting, task, D, numpy_generator(seed, "train-tasks"))
+    tasks = settings.get(setting, task).draw_tasks(D, numpy_generator(seed, "train-tasks"))
     weights = task_prior_weights(prior, D, exponent)
     return task, tasks, torch.as_tensor(np.log(weights)), weights
 
@@ -28,7 +28,7 @@ def sequences(setting, task, tasks, weights, B, seed, exclude_query=False):
     weights = torch.as_tensor(weights)
     ids = torch.multinomial(weights, B, replacement=True, generator=g)
     params = {k: torch.as_tensor(v) for k, v in tasks.items()}
-    return sample_sequences(setting, task, params, ids, g, context_weights=weights, exclude_query=exclude_query)
+    return settings.get(setting, task).sample(params, ids, g, weights, exclude_query=exclude_query)
 
 
 def predictors(setting, task, tasks, log_prior, **kwargs):
@@ -401,7 +401,7 @@ def test_bad_input_raises_clear_errors():
         model({"xs": torch.zeros(2, 5, 3)})
     with pytest.raises(ValueError, match="colours 0..2"):
         model({"tokens": urn_tokens(2, 5, 4, seed=0)})
-    with pytest.raises(ValueError, match="predictive_log_variance is defined for linear_regression"):
+    with pytest.raises(AttributeError, match="predictive_log_variance"):  # only linear_regression's predictor has it
         model.predictive_log_variance({"tokens": urn_tokens(2, 5, 3, seed=0)})
 
     rtask, rtasks, rlog_prior, _ = setup("linear_regression", 4, 3, 5)
@@ -418,7 +418,8 @@ def test_bad_input_raises_clear_errors():
         build_bayes("classification", "generalizing", ctask, None, None)(
             {"xs": torch.zeros(2, 1, 3), "labels": torch.full((2, 1), -1)})
     with pytest.raises(ValueError, match="chunk_elements=0"):
-        BayesPredictor("classification", "const", ctask, chunk_elements=0)
+        settings.get("classification", ctask).predictor("const", chunk_elements=0)
+    assert isinstance(build_bayes("classification", "const", ctask), BayesPredictor)
 
 
 @pytest.mark.gpu

@@ -11,11 +11,16 @@ import pytest
 
 from conftest import compose_config, run_module, small_config
 from faults import flip, one_error_line, tree_bytes, truncate
+from normscale import settings
 from normscale.data import ShardReader, load_eval_splits, load_single_task_split, load_task_pools, plan_data, prepare_data
 from normscale.data.store import DataIntegrityError, read_manifest
 from normscale.fileio import sha256_bytes
 
 ADVICE = re.compile(r"run `(python -m normscale\.data [^`]+)`")
+
+
+def setting_of(config):
+    return settings.get(config.setting, config.task_kwargs)
 
 
 def advised_overrides(message: str) -> list[str]:
@@ -68,9 +73,9 @@ def test_following_the_advice_restores_exactly_the_damaged_files(tmp_path):
     flip(directory / "eval.h5")
     truncate(directory / "tasks.h5", keep=0.3)
 
-    reads = {"train/shard-00000.h5": lambda: ShardReader(directory, config.setting, read_ahead=False).batch(0),
-             "train/shard-00001.h5": lambda: ShardReader(directory, config.setting, read_ahead=False).batch(S + 1),
-             "train/shard-00002.h5": lambda: ShardReader(directory, config.setting, read_ahead=False).batch(2 * S),
+    reads = {"train/shard-00000.h5": lambda: ShardReader(directory, setting_of(config), read_ahead=False).batch(0),
+             "train/shard-00001.h5": lambda: ShardReader(directory, setting_of(config), read_ahead=False).batch(S + 1),
+             "train/shard-00002.h5": lambda: ShardReader(directory, setting_of(config), read_ahead=False).batch(2 * S),
              "eval.h5": lambda: load_eval_splits(directory),
              "tasks.h5": lambda: load_task_pools(directory)}
     messages = {name: error_of(read) for name, read in reads.items()}
@@ -95,7 +100,7 @@ def test_following_the_advice_restores_exactly_the_damaged_files(tmp_path):
     assert len(untouched) >= 5 and {n: after[n] for n in untouched} == {n: stat_before[n] for n in untouched}
     manifest = read_manifest(directory)
     assert all(sha256_bytes((directory / n).read_bytes()) == e["sha256"] for n, e in manifest["files"].items())
-    ShardReader(directory, config.setting, read_ahead=False).batch(2 * S)
+    ShardReader(directory, setting_of(config), read_ahead=False).batch(2 * S)
     again = follow(training, tmp_path)  # the training path's advice: nothing left to repair
     assert again.returncode == 0 and "repaired" not in again.stdout and stats(directory) == after, again.stdout
 
@@ -106,7 +111,7 @@ def test_a_damaged_manifest_is_rebuilt_from_the_files(tmp_path):
     before, stat_before = tree_bytes(directory), stats(directory)
     truncate(directory / "manifest.json")
     truncate(directory / "train/shard-00001.h5")  # damaged too: nothing records its hash any more
-    reader = error_of(lambda: ShardReader(directory, config.setting))
+    reader = error_of(lambda: ShardReader(directory, setting_of(config)))
     assert f"{directory / 'manifest.json'} is damaged (not valid JSON" in reader and "rebuilds the manifest" in reader
     training = error_of(lambda: prepare_data(config))
     assert f"{directory / 'manifest.json'} is damaged (not valid JSON" in training

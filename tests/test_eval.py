@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from conftest import ROOT, run_module
+from normscale import settings
 from normscale.layout import list_checkpoints, read_config
 from normscale.collate import load_eval_results
-from normscale.config import checkpoint_schedule
+from normscale.config import TaskConfig, checkpoint_schedule
 from normscale.eval import ModelEvaluator
 from normscale.results import load_metrics
-from normscale.metrics import distance, summarize
+from normscale.metrics import summarize
 
 SETTING = "balls_and_urns"
 ARGS = ["setting=balls_and_urns", "name=ev", "logging.wandb=false", "task_kwargs.num_dims=4",
@@ -148,9 +149,10 @@ def test_a_known_mixture_of_m_and_g_is_recovered_and_an_off_by_one_is_not(tmp_pa
 def test_w_m_is_nan_where_m_and_g_agree():
     p = torch.log_softmax(torch.randn(5, 3, 4), -1)
     batch = {"tokens": torch.zeros(5, 4, dtype=torch.long), "theta": torch.full((5, 4), 0.25)}
-    summary = summarize("balls_and_urns", p, p.clone(), p.clone(), batch)
+    urns = settings.get("balls_and_urns", TaskConfig(num_dims=4, context_length=3))
+    summary = summarize(urns, p, p.clone(), p.clone(), batch)
     assert math.isnan(summary["scalars"]["w_M"]) and torch.isnan(summary["per_position"]["w_M"]).all()
-    assert distance("balls_and_urns", p, p).abs().max() < 1e-7
+    assert urns.distance(p, p).abs().max() < 1e-7
 
 
 def test_checkpoints_are_evaluated_once_and_again_only_with_overwrite(trained, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 
 FORBIDDEN = {
     "normscale.config": ["torch", "numpy", "hydra", "omegaconf", "normscale.data", "normscale.model"],
+    "normscale.settings": ["torch", "numpy", "hydra", "omegaconf", "normscale.data", "normscale.model"],
     "normscale.data": ["hydra", "omegaconf", "accelerate", "deepspeed", "normscale.dist", "normscale.model", "normscale.cli"],
     "normscale.model": ["hydra", "omegaconf", "accelerate", "deepspeed", "normscale.dist", "normscale.data", "normscale.cli"],
     "normscale.eval": ["hydra", "normscale.train", "normscale.collate", "normscale.analysis"],

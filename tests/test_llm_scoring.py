@@ -17,9 +17,11 @@ import torch
 
 from conftest import compose_config
 from llm_fixture import make_tiny_llama, make_tokenizer
+from normscale import settings
+from normscale.config import TaskConfig
 from normscale.dist.accel import make_accelerator
 from normscale.dist.llm import load_llm
-from normscale.metrics import as_predictions
+from normscale.metrics import predict
 from normscale.model.llm import COLOUR_WORDS, LLMError, LLMScorer, colour_token_ids, header_text, sequence_permutation
 
 V, C, B = 5, 12, 6
@@ -79,7 +81,9 @@ def test_candidate_scoring_equals_full_vocabulary_softmax(tiny, mapping):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scorer.coverage, coverage, rtol=1e-5, atol=1e-7)
     assert (coverage < 0.2).all()  # a random model spreads its mass: the full normaliser matters
-    torch.testing.assert_close(as_predictions("balls_and_urns", out, V), out)  # as ModelEvaluator reads it
+    urns = settings.get("balls_and_urns", TaskConfig(num_dims=V, context_length=C))
+    torch.testing.assert_close(urns.predictions(out), out)  # as ModelEvaluator reads it
+    torch.testing.assert_close(predict(urns, scorer, batch), out)
 
 
 def test_bfloat16_model_scores_in_float32(tiny_dir):

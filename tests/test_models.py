@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from normscale import settings
 from normscale.config import Config, ModelConfig, TaskConfig
-from normscale.metrics import sequence_losses
 from normscale.data.priors import task_prior_weights
-from normscale.data.tasks import draw_tasks, sample_sequences
 from normscale.model import BayesPredictor, build_model, optimizer_groups
 
 SETTINGS = ("balls_and_urns", "linear_regression", "classification")
@@ -24,11 +23,12 @@ def config(model="transformer", setting="balls_and_urns", **model_kwargs) -> Con
 
 
 def make_batch(setting, batch_size=4, seed=0, task=TASK):
-    tasks = {k: torch.as_tensor(v) for k, v in draw_tasks(setting, task, task.num_tasks, np.random.default_rng(seed)).items()}
+    s = settings.get(setting, task)
+    tasks = {k: torch.as_tensor(v) for k, v in s.draw_tasks(task.num_tasks, np.random.default_rng(seed)).items()}
     weights = torch.as_tensor(task_prior_weights("uniform", task.num_tasks))
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, task.num_tasks, (batch_size,), generator=generator)
-    return sample_sequences(setting, task, tasks, ids, generator, context_weights=weights)
+    return s.sample(tasks, ids, generator, weights)
 
 
 def built(model, setting, seed=0, **model_kwargs):
@@ -103,10 +103,11 @@ def test_overfits_a_tiny_batch(model, setting, parametrization):
     if model == "hf_gpt_neox" and parametrization == "mup":
         pytest.skip("hf_gpt_neox is standard parametrisation only")
     net, batch = built(model, setting, parametrization=parametrization), make_batch(setting, batch_size=8)
+    objective = settings.get(setting, TASK).objective
     optimizer = torch.optim.AdamW(optimizer_groups(net, 1e-2, 0.0))
     losses = []
     for _ in range(40):
-        loss = sequence_losses(setting, net(batch), batch).mean()
+        loss = objective(net(batch), batch).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -141,6 +142,8 @@ def test_mlp_prefix_layer_equals_masked_flattened_input():
 def test_build_model_errors():
     with pytest.raises(ValueError, match="model='gpt5'.*transformer, mlp, hf_gpt_neox, bayes"):
         build_model(config("gpt5"))
+    with pytest.raises(ValueError, match="unknown setting 'urns'"):
+        build_model(config(setting="urns"))
     with pytest.raises(ValueError, match="memorizing predictor needs the D training tasks"):
         build_model(dataclasses.replace(config("bayes"), model_kwargs=ModelConfig(kind="memorizing")))
     with pytest.raises(ValueError, match="model_kwargs.mlp_expansion_factor"):
@@ -154,7 +157,7 @@ def test_build_model_errors():
 
 
 def test_build_model_bayes():
-    tasks = draw_tasks("balls_and_urns", TASK, TASK.num_tasks, np.random.default_rng(0))
+    tasks = settings.get("balls_and_urns", TASK).draw_tasks(TASK.num_tasks, np.random.default_rng(0))
     log_prior = np.log(task_prior_weights("uniform", TASK.num_tasks))
     predictor = build_model(dataclasses.replace(config("bayes"), model_kwargs=ModelConfig(kind="memorizing")),
                             tasks, log_prior)

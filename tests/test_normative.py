@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, rel_entr
 
-from normscale.analysis.normative import (INITIAL, OUTPUT, Cell, _Objective, cell_loss, complexity_bits, fit,
-                                          memorizing_weight, predict, split_cells, transition_step)
+from normscale import settings
+from normscale.analysis.normative import (Cell, _Objective, cell_loss, complexity_bits, fit, memorizing_weight, predict,
+                                          split_cells, transition_step)
 
 STEPS = np.unique(np.round(np.linspace(0, math.sqrt(1e5), 30) ** 2).astype(int))  # a sqrt-like grid, 0 .. 1e5
 DS = [2**k for k in range(2, 11)]  # 4 .. 1024
@@ -23,7 +24,7 @@ def synthetic_cells(setting: str, alpha: float, beta: float, gamma: float, num_d
     per D so that N*(D) runs log-uniformly from 30 to 3e6 across the D values (transitions inside the step range for
     the smaller and middle D, none for the largest)."""
     rng = np.random.default_rng(seed)
-    output = OUTPUT[setting]
+    output = settings.facts(setting).output
 
     def outputs():
         x = rng.normal(size=shape) * 2
@@ -54,7 +55,7 @@ def test_fit_recovers_known_parameters(setting, truth, num_dims, shape):
     cells = synthetic_cells(setting, alpha, beta, gamma, num_dims, shape)
     n_star = [transition_step(c.K_M, c.K_G, c.L_M, c.L_G, alpha, beta, gamma) for c in cells if c.step == 0]
     assert sum(STEPS[1] < n < STEPS[-1] for n in n_star) >= 4  # the test's own premise: identifiable transitions
-    init_beta, init_alpha, init_gamma = INITIAL[setting]
+    init_beta, init_alpha, init_gamma = settings.facts(setting).fit_start
     assert min(abs(alpha / init_alpha - 1), abs(beta / init_beta - 1), abs(gamma / init_gamma - 1)) > 0.2
 
     result = fit(cells, setting)
@@ -72,7 +73,7 @@ def test_fit_recovers_known_parameters(setting, truth, num_dims, shape):
                                                        ("linear_regression", 3, (4, 6))])
 @pytest.mark.parametrize("params", [(0.55, 0.28, 0.25), (0.3, 0.05, 50.0)])  # the second saturates w_M at 1
 def test_fast_objective_matches_reference_loss_and_finite_differences(setting, num_dims, shape, params):
-    output = OUTPUT[setting]
+    output = settings.facts(setting).output
     cells = synthetic_cells(setting, 0.6, 0.3, 0.2, num_dims, shape, seed=1)
     rng = np.random.default_rng(2)
     # a model output that is not the normative prediction, so the loss and its gradient are non-trivial, and

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import small_config
+from normscale import settings
 from normscale.config import ConfigError
 from normscale.data import (DataIntegrityError, GeneratedBatches, MixtureDataset, ShardReader, load_eval_splits,
                             load_task_pools, open_train_batches, plan_data, prepare_data)
@@ -15,6 +16,10 @@ from normscale.data.store import check_budget, content_hash, read_manifest
 from normscale.fileio import atomic_path
 
 SETTINGS = ["balls_and_urns", "linear_regression", "classification"]
+
+
+def setting_of(config):
+    return settings.get(config.setting, config.task_kwargs)
 
 
 def file_hashes(directory):
@@ -36,9 +41,9 @@ def test_identical_config_and_seed_give_byte_identical_files(tmp_path, setting):
 def test_batch_i_is_the_batch_of_step_i(cache_dir, setting):
     config = small_config(cache_dir, setting)
     prepared = prepare_data(config)
-    reader = ShardReader(prepared.plan.directory, setting)
+    reader = ShardReader(prepared.plan.directory, setting_of(config))
     tasks = load_task_pools(prepared.plan.directory)["train"]
-    dataset = MixtureDataset(setting, config.task_kwargs, tasks, config.task_kwargs.prior, 8, config.seed)
+    dataset = MixtureDataset(setting_of(config), tasks, config.task_kwargs.prior, 8, config.seed)
     S = prepared.plan.steps_per_shard
     for step in [0, 1, S - 1, S, 2 * S + 1, config.training_kwargs.max_steps - 1, 3, 0]:  # out of order: resume
         got, expected = reader.batch(step), dataset.batch(step)
@@ -54,20 +59,21 @@ def test_cpu_generate_source_equals_the_shards(cache_dir, setting):
     config = small_config(cache_dir, setting)
     prepared = prepare_data(config)
     generated = GeneratedBatches(config, load_task_pools(prepared.plan.directory)["train"])
-    reader = ShardReader(prepared.plan.directory, setting)
+    reader = ShardReader(prepared.plan.directory, setting_of(config))
     for step in (0, 7, 31):
         assert all(torch.equal(reader.batch(step)[n], t) for n, t in generated.batch(step).items())
 
 
 def test_ranks_get_disjoint_complete_slices(cache_dir):
-    prepared = prepare_data(small_config(cache_dir))
-    whole = ShardReader(prepared.plan.directory, "balls_and_urns").batch(5)
-    parts = [ShardReader(prepared.plan.directory, "balls_and_urns", rank, 4).batch(5) for rank in range(4)]
+    config = small_config(cache_dir)
+    prepared, setting = prepare_data(config), setting_of(config)
+    whole = ShardReader(prepared.plan.directory, setting).batch(5)
+    parts = [ShardReader(prepared.plan.directory, setting, rank, 4).batch(5) for rank in range(4)]
     for name in whole:
         assert all(len(p[name]) == 2 for p in parts)
         assert torch.equal(torch.cat([p[name] for p in parts]), whole[name])
     with pytest.raises(ValueError, match="not divisible by the world size 3"):
-        ShardReader(prepared.plan.directory, "balls_and_urns", 0, 3)
+        ShardReader(prepared.plan.directory, setting, 0, 3)
 
 
 def test_data_are_shared_by_what_determines_them(cache_dir):
@@ -123,13 +129,13 @@ def test_truncated_or_altered_shards_give_an_error_naming_the_file(cache_dir):
     with pytest.raises(DataIntegrityError, match=f"{shard}.*truncated.*regenerate"):
         prepare_data(config)
     with pytest.raises(DataIntegrityError, match=str(shard)):
-        ShardReader(directory, "balls_and_urns", read_ahead=False).batch(plan_data(config).steps_per_shard)
+        ShardReader(directory, setting_of(config), read_ahead=False).batch(plan_data(config).steps_per_shard)
     altered = bytearray(data)
     altered[-100] ^= 0xFF
     shard.write_bytes(bytes(altered))
     prepare_data(config)  # sizes match: the quick check passes ...
     with pytest.raises(DataIntegrityError, match=f"{shard} is altered"):
-        ShardReader(directory, "balls_and_urns", read_ahead=False).batch(plan_data(config).steps_per_shard)
+        ShardReader(directory, setting_of(config), read_ahead=False).batch(plan_data(config).steps_per_shard)
     repaired = prepare_data(config, verify=True)  # ... the full one finds it and regenerates it, byte-identical
     assert list(repaired.repaired) == ["train/shard-00001.h5"] and "was altered" in repaired.repaired["train/shard-00001.h5"]
     assert shard.read_bytes() == data
@@ -143,7 +149,7 @@ def test_read_ahead_surfaces_errors_of_the_next_shard(cache_dir):
     directory = prepare_data(config).plan.directory
     S = plan_data(config).steps_per_shard
     (directory / "train/shard-00001.h5").write_bytes(b"")
-    reader = ShardReader(directory, "balls_and_urns")
+    reader = ShardReader(directory, setting_of(config))
     reader.batch(0)  # starts reading shard 1 ahead, which fails on its thread
     with pytest.raises(DataIntegrityError, match="shard-00001.h5 is truncated"):
         reader.batch(S)

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from conftest import ROOT, run_module
+from normscale import settings
 from normscale.checkpoints import load_checkpoint, read_jsonl
 from normscale.layout import list_checkpoints, read_config, resume_step
 from normscale.config import checkpoint_schedule
 from normscale.layout import run_name
 from normscale.data import load_eval_splits, load_task_pools, task_prior_weights
 from normscale.data.store import to_torch
-from normscale.metrics import sequence_losses
+from normscale.metrics import predict
 from normscale.model import build_bayes, build_model
 
 QUICK = ["logging.wandb=false", "task_kwargs.num_ood_tasks=20", "data_kwargs.eval_size=64", "eval_kwargs.batch_size=16",
@@ -62,7 +63,7 @@ def test_urns_with_two_tasks_reach_the_bayes_optimal_loss(tmp_path):
     run_dir = run_dir_of(tmp_path, "balls_and_urns", "d2")
     config = read_config(run_dir)
     data_dir = next((tmp_path / "experiments/balls_and_urns/d2/data").iterdir())
-    split = to_torch(load_eval_splits(data_dir)["id"], "balls_and_urns")
+    split = to_torch(load_eval_splits(data_dir)["id"], settings.get("balls_and_urns", config.task_kwargs))
     tasks = load_task_pools(data_dir)["train"]
     log_prior = torch.log(torch.tensor(task_prior_weights("uniform", 2)))
     targets = split["tokens"][:, 1:]
@@ -83,7 +84,7 @@ def test_regression_with_one_task_reaches_the_noise_floor(tmp_path):
           "task_kwargs.context_length=8", "task_kwargs.num_tasks=1", "model_kwargs.num_layers=2",
           "model_kwargs.hidden_size=64", "training_kwargs.batch_size=32", "training_kwargs.max_steps=300",
           "training_kwargs.learning_rate=3e-3", "training_kwargs.log_every=30", "training_kwargs.save_steps.schedule=end_only")
-    losses = [r["loss"] for r in read_jsonl(run_dir_of(tmp_path, "linear_regression", "falls") / "train_metrics.jsonl")]
+    losses = [r["objective"] for r in read_jsonl(run_dir_of(tmp_path, "linear_regression", "falls") / "train_metrics.jsonl")]
     sigma2 = 3 / 256
     assert losses[0] > 10 * sigma2 and losses[-1] < sigma2 + 0.01, losses
 
@@ -93,7 +94,7 @@ def test_classification_loss_falls(tmp_path):
           "task_kwargs.context_length=8", "task_kwargs.num_tasks=4", "model_kwargs.num_layers=2",
           "training_kwargs.batch_size=32", "training_kwargs.max_steps=300", "training_kwargs.learning_rate=3e-3",
           "training_kwargs.log_every=30", "training_kwargs.save_steps.schedule=end_only")
-    losses = [r["loss"] for r in read_jsonl(run_dir_of(tmp_path, "classification", "falls") / "train_metrics.jsonl")]
+    losses = [r["objective"] for r in read_jsonl(run_dir_of(tmp_path, "classification", "falls") / "train_metrics.jsonl")]
     assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
 
 
@@ -123,17 +124,19 @@ def test_checkpoint_schedule_is_realised_on_disk_and_checkpoints_load_in_one_pro
     assert not torch.equal(next(iter(weights[0].values())), next(iter(weights[60].values())))
     train_records, eval_records = read_jsonl(run_dir / "train_metrics.jsonl"), read_jsonl(run_dir / "eval_metrics.jsonl")
     assert [r["step"] for r in train_records] == [10, 20, 30, 40, 50, 60]
-    assert len(train_records[0]["per_task_loss"]) == 8 and sum(train_records[0]["per_task_count"]) == 8 * 10
+    assert len(train_records[0]["per_task_objective"]) == 8 and sum(train_records[0]["per_task_count"]) == 8 * 10
     assert [r["step"] for r in eval_records] == [30, 60] and set(eval_records[0]) == {"step", "id", "ood"}
     assert set(eval_records[0]["id"]) == {"loss", "kl"}
-    # the final checkpoint reproduces the logged ID loss in one process
+    # the final checkpoint reproduces the logged ID loss and KL (the setting's pointwise metrics) in one process
     data_dir = next((tmp_path / "experiments/balls_and_urns/sched/data").iterdir())
-    split = to_torch(load_eval_splits(data_dir)["id"], "balls_and_urns")
+    setting = settings.get("balls_and_urns", config.task_kwargs)
+    split = to_torch(load_eval_splits(data_dir)["id"], setting)
     model = build_model(config)
     model.load_state_dict(weights[60])
     with torch.no_grad():
-        loss = sequence_losses("balls_and_urns", model(split), split).mean().item()
-    assert loss == pytest.approx(eval_records[-1]["id"]["loss"], abs=1e-5)
+        pointwise = setting.pointwise(predict(setting, model, split), split)
+    assert pointwise["loss"].mean().item() == pytest.approx(eval_records[-1]["id"]["loss"], abs=1e-5)
+    assert pointwise["kl"].mean().item() == pytest.approx(eval_records[-1]["id"]["kl"], abs=1e-5)
     assert "Traceback" not in out
     again = train(tmp_path, *args)
     assert "is complete (60 steps)" in again.stdout
@@ -224,7 +227,7 @@ def test_two_cpu_processes_train_like_one_process_with_the_same_global_batch(tmp
     assert_same_weights(final_weights(two_dir), final_weights(one_dir), exact=False)
     a, b = read_jsonl(one_dir / "train_metrics.jsonl"), read_jsonl(two_dir / "train_metrics.jsonl")
     assert [r["per_task_count"] for r in a] == [r["per_task_count"] for r in b]  # the same sequences, all of them
-    assert np.allclose([r["loss"] for r in a], [r["loss"] for r in b], atol=1e-5)
+    assert np.allclose([r["objective"] for r in a], [r["objective"] for r in b], atol=1e-5)
 
 
 def test_accelerate_cpu_flag_running_one_process_is_warned_about(tmp_path):
@@ -288,7 +291,7 @@ def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(tmp_path):
     train(tmp_path, "name=bf16", *QUICK, *URNS, "training_kwargs.precision=bf16", "training_kwargs.max_steps=30",
           "training_kwargs.log_every=10", "training_kwargs.warmup_steps=2", "training_kwargs.save_steps.schedule=end_only")
     run_dir = run_dir_of(tmp_path, "balls_and_urns", "bf16")
-    losses = [r["loss"] for r in read_jsonl(run_dir / "train_metrics.jsonl")]
+    losses = [r["objective"] for r in read_jsonl(run_dir / "train_metrics.jsonl")]
     assert losses[-1] < losses[0] and all(t.dtype == torch.float32 for t in final_weights(run_dir).values())
 
 
@@ -314,20 +317,21 @@ def test_data_over_budget_fails_before_a_run_directory_exists(tmp_path):
 
 FAULTS = """
 import resource, sys, torch
+from normscale import settings
 from normscale.config import ModelConfig, TaskConfig
 from normscale.dist.accel import keep_freed_memory
-from normscale.metrics import sequence_losses
 from normscale.model.transformer import Transformer
 if sys.argv[1] == "kept":
     keep_freed_memory()
 torch.manual_seed(0)
-model = Transformer("balls_and_urns", TaskConfig(num_dims=8, context_length=128), ModelConfig(hidden_size=64))
+setting = settings.get("balls_and_urns", TaskConfig(num_dims=8, context_length=128))
+model = Transformer(setting.network_io, ModelConfig(hidden_size=64))
 optimizer = torch.optim.AdamW(model.parameters())
 batch = {"tokens": torch.randint(0, 9, (64, 129))}
 faults = []
 for step in range(40):  # the canonical model's training step
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    sequence_losses("balls_and_urns", model(batch), batch).mean().backward()
+    setting.objective(model(batch), batch).mean().backward()
     optimizer.step()
     optimizer.zero_grad()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
