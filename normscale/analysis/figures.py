@@ -1,5 +1,5 @@
-"""The standard figures of an experiment (PNG, matplotlib's Agg backend); each function writes one file and
-returns its path. Inputs are what normscale.analysis.report assembles from the collated metrics.h5."""
+"""The standard figures of an experiment (matplotlib's Agg backend); each function draws one and returns its Figure,
+which `save` writes as PNG. Inputs are what normscale.analysis.report assembles from the collated metrics.h5."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -10,13 +10,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from normscale.fileio import atomic_path  # noqa: E402
 
 STRATEGY_STYLE = {"memorizing": ("M", "tab:red"), "generalizing": ("G", "tab:blue")}
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
+    """Write fig to path as PNG and close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
@@ -28,7 +30,7 @@ def _colours(Ds: list[int]):
     return {D: cmap(i / max(1, len(Ds) - 1)) for i, D in enumerate(Ds)}
 
 
-def w_m_heatmap(path: Path, cells, predicted: list[float]) -> Path:
+def w_m_heatmap(cells, predicted: list[float]) -> Figure:
     """Observed and predicted w_M over (sqrt step, log2 D); seeds of one (D, step) averaged."""
     observed, model = defaultdict(list), defaultdict(list)
     for cell, p in zip(cells, predicted):
@@ -46,10 +48,10 @@ def w_m_heatmap(path: Path, cells, predicted: list[float]) -> Path:
         ax.set(title=title, xlabel="sqrt(training steps)")
     axes[0].set_ylabel("log2 D (number of training tasks)")
     fig.colorbar(image, ax=axes, label="w_M (1: memorizing M, 0: generalizing G)")
-    return _save(fig, path)
+    return fig
 
 
-def w_m_curves(path: Path, by_d: dict[int, list[dict]]) -> Path:
+def w_m_curves(by_d: dict[int, list[dict]]) -> Figure:
     """Observed w_M against steps for every run, coloured by D; ID and OOD side by side."""
     colours = _colours(sorted(by_d))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, layout="constrained")
@@ -61,10 +63,10 @@ def w_m_curves(path: Path, by_d: dict[int, list[dict]]) -> Path:
         ax.set(title=f"w_M, {split.upper()} sequences", xlabel="training steps", xscale="symlog", xlim=(0, None), ylim=(-0.05, 1.05))
     axes[0].set_ylabel("w_M (1: M, 0: G)")
     axes[1].legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def transience(path: Path, by_d: dict[int, list[dict]], references: dict, metric: str) -> Path:
+def transience(by_d: dict[int, list[dict]], references: dict, metric: str) -> Figure:
     """OOD task loss against steps per D, with the Bayes predictors' OOD levels as dashed lines of the same colour."""
     colours = _colours(sorted(by_d))
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
@@ -76,10 +78,10 @@ def transience(path: Path, by_d: dict[int, list[dict]], references: dict, metric
     ax.set(title=f"Transience: OOD {metric} (dashed: M, dotted: G)", xlabel="training steps", ylabel=f"OOD {metric}",
            xscale="symlog", xlim=(0, None))
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def final_loss_vs_d(path: Path, by_d: dict[int, list[dict]], references: dict, metric: str) -> Path:
+def final_loss_vs_d(by_d: dict[int, list[dict]], references: dict, metric: str) -> Figure:
     """Final-checkpoint task loss against D (ID and OOD), with the M and G predictors' losses on the same data."""
     Ds = sorted(by_d)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
@@ -92,10 +94,10 @@ def final_loss_vs_d(path: Path, by_d: dict[int, list[dict]], references: dict, m
         ax.set(title=f"final {split.upper()} {metric}", xlabel="D (number of training tasks)", ylabel=metric, xscale="log")
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def predicted_vs_observed(path: Path, cells, predicted: list[float], fitted: set[int], result) -> Path:
+def predicted_vs_observed(cells, predicted: list[float], fitted: set[int], result) -> Figure:
     fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
     observed = np.array([c.observed_w_M for c in cells])
     predicted = np.asarray(predicted)
@@ -106,10 +108,10 @@ def predicted_vs_observed(path: Path, cells, predicted: list[float], fitted: set
     ax.set(xlim=(-0.05, 1.05), ylim=(-0.05, 1.05), xlabel="observed w_M (ID)", ylabel="predicted w_M",
            title=f"Pearson r: all {result.pearson_r_all:.3f}, held-out {result.pearson_r_held_out:.3f}")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def loss_vs_width(path: Path, runs: list[dict], metric: str) -> Path:
+def loss_vs_width(runs: list[dict], metric: str) -> Figure:
     """Final ID task loss against hidden size, one line per D."""
     by_d = defaultdict(lambda: defaultdict(list))
     for run in runs:
@@ -122,4 +124,4 @@ def loss_vs_width(path: Path, runs: list[dict], metric: str) -> Path:
     ax.set(title=f"final ID {metric} against width", xlabel="hidden size", ylabel=metric)
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig

@@ -141,17 +141,18 @@ def analyze(config: Config) -> Path:
     references = {D: {kind: {s: float(np.mean([bayes[(r["data_dir"], kind)]["metrics"][s][metric] for r in by_D[D]]))
                              for s in ("id", "ood")} for kind in normative.STRATEGIES} for D in Ds}
 
-    out.mkdir(parents=True, exist_ok=True)
-    written = [
-        figures.w_m_heatmap(out / "w_M_heatmap.png", cells, predicted),
-        figures.w_m_curves(out / "w_M_curves.png", by_D),
-        figures.transience(out / "transience.png", by_D, references, metric),
-        figures.final_loss_vs_d(out / "final_loss_vs_D.png", by_D, references, metric),
-        figures.predicted_vs_observed(out / "predicted_vs_observed.png", cells, predicted, fitted, result),
-    ]
+    drawn = {
+        "w_M_heatmap.png": figures.w_m_heatmap(cells, predicted),
+        "w_M_curves.png": figures.w_m_curves(by_D),
+        "transience.png": figures.transience(by_D, references, metric),
+        "final_loss_vs_D.png": figures.final_loss_vs_d(by_D, references, metric),
+        "predicted_vs_observed.png": figures.predicted_vs_observed(cells, predicted, fitted, result),
+    }
     widths = sorted({r["hidden_size"] for r in runs})
     if len(widths) > 1:
-        written.append(figures.loss_vs_width(out / "loss_vs_width.png", runs, metric))
+        drawn["loss_vs_width.png"] = figures.loss_vs_width(runs, metric)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [figures.save(fig, out / name) for name, fig in drawn.items()]
 
     summary = {
         "experiment": config.name, "setting": setting, "metrics_file": str(path),
