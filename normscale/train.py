@@ -27,12 +27,13 @@ from normscale.dist.accel import (check_replicas_identical, decided_on_main, fin
 from normscale.fileio import write_json
 from normscale.layout import (CONFIG_FILE, EVAL_METRICS, FAILED_FILE, TRAIN_METRICS, identity_diff, identity_hash,
                               list_checkpoints, max_steps_change, read_config, read_failure, resume_states, resume_step,
-                              run_name, write_config)
+                              run_directory, write_config)
 from normscale.metrics import sequence_losses, task_metrics
 from normscale.model import build_model
 from normscale.model.mup import optimizer_groups
 from normscale.provenance import provenance
-from normscale.runlock import LOCK_FILE, RunLock
+from normscale.layout import LOCK_FILE
+from normscale.runlock import RunLock
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -210,7 +211,7 @@ def train(config: Config, overrides: list[str]) -> Path:
     preemption = Preemption()  # first: a signal during start-up stops the run at its first step boundary
     keep_freed_memory()
     accelerator = make_accelerator(config)
-    run_dir = config.experiment_dir / "runs" / run_name(overrides, config.seed)
+    run_dir = run_directory(config, overrides)
     check_budget(config, plan_data(config))  # data problems surface before anything is written
     lock = RunLock(run_dir) if accelerator.is_main_process else None
     try:

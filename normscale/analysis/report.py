@@ -25,9 +25,10 @@ import h5py
 import numpy as np
 
 from normscale.analysis import figures, normative
-from normscale.collate import COLLATED_FILE, read_results
+from normscale.collate import read_results
 from normscale.config import Config, NormscaleError
 from normscale.fileio import write_json
+from normscale.layout import analysis_dir, collated_file, experiment_dir
 
 TASK_METRIC = {"balls_and_urns": "kl", "linear_regression": "loss", "classification": "loss"}
 
@@ -53,7 +54,7 @@ def task_diversity_threshold(num_tasks: list[int], final_w_m: list[float]) -> fl
 
 
 def load_frame(config: Config):
-    path = config.experiment_dir / COLLATED_FILE
+    path = collated_file(experiment_dir(config))
     if not path.exists():
         raise NormscaleError(f"{path} does not exist: run `python -m normscale.collate` with the experiment's "
                              "overrides first")
@@ -89,7 +90,7 @@ def analyze(config: Config) -> Path:
             f"no Bayes results for dataset(s) {', '.join(missing)} in {path}: run `python -m normscale.eval -m "
             f"name={config.name} setting={setting} model=bayes model_kwargs.kind=memorizing,generalizing`, then "
             "collate again")
-    out = config.experiment_dir / "analysis"
+    out = analysis_dir(experiment_dir(config))
     metric = TASK_METRIC[setting]
 
     strategy_losses = defaultdict(lambda: defaultdict(list))  # D -> kind -> [L_s per dataset]
