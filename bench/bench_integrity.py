@@ -34,6 +34,7 @@ from normscale.checkpoints import _file_hashes, damage  # noqa: E402
 from normscale.cli import CONF_DIR, to_config  # noqa: E402
 from normscale.dist.accel import make_accelerator, save_resume  # noqa: E402
 from normscale.fileio import sha256_bytes  # noqa: E402
+from normscale.layout import resume_state_dir  # noqa: E402
 from normscale.model import build_model  # noqa: E402
 from normscale.model.mup import optimizer_groups  # noqa: E402
 from normscale.runlock import HEARTBEAT_SECONDS, RunLock  # noqa: E402
@@ -93,7 +94,7 @@ def main() -> None:
     for _ in range(5):
         step()
     save_resume(accelerator, work, 5, metrics.state, {})
-    state = work / ".resume-5"
+    state = resume_state_dir(work, 5)
     lock = RunLock(work / "lock")
     lock.acquire()
     rounds = {name: [] for name in ("step", "finite flag", "reduce", "checkpoint hash", "resume hash", "resume verify",

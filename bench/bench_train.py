@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from normscale import settings  # noqa: E402
 from normscale.cli import CONF_DIR, to_config  # noqa: E402
-from normscale.layout import run_name  # noqa: E402
+from normscale.layout import TRAIN_METRICS, run_directory  # noqa: E402
 from normscale.data import ShardReader, prepare_data  # noqa: E402
 from normscale.dist.accel import MALLOC_SETTINGS  # noqa: E402
 from normscale.model import build_model  # noqa: E402
@@ -78,8 +78,8 @@ def run(command: list[str], env: dict | None = None) -> str:
 def normscale_rate(cache_dir: Path, extra: list[str], steps: int, window: int) -> float:
     overrides = [*normscale_overrides(cache_dir, steps, window), "overwrite=true", *extra]
     run([sys.executable, "-m", "normscale.train", *overrides])
-    run_dir = compose(overrides).experiment_dir / "runs" / run_name(overrides, 0)
-    records = [json.loads(line) for line in (run_dir / "train_metrics.jsonl").read_text().splitlines()]
+    run_dir = run_directory(compose(overrides), overrides)
+    records = [json.loads(line) for line in (run_dir / TRAIN_METRICS).read_text().splitlines()]
     return 1 / (sum(r["seconds_per_step"] for r in records[1:]) / len(records[1:]))
 
 

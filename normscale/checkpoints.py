@@ -1,7 +1,7 @@
 """A run directory on disk: scheduled checkpoints, the rolling resume state, the saved config, metrics files.
 
-    runs/<run_name>/
-      config_resolved.yaml       the run's Config (loadable with Config.from_dict), overrides in its first line
+    runs/<run_name>/             (the names: normscale.layout)
+      config_resolved.yaml       the run's Config (loadable with Config.from_dict); overrides.json its overrides
       checkpoint-<step>/         model.safetensors (consolidated, loadable in one process), meta.json
       resume -> .resume-<step>   symlink to the one rolling resume state (Accelerate's save_state + state.json)
       train_metrics.jsonl        one line per logging step; eval_metrics.jsonl one line per evaluation
@@ -23,7 +23,8 @@ from safetensors.torch import load, save
 
 from normscale.config import FaultError
 from normscale.fileio import atomic_path, disk_full_guard, sha256_bytes, write_json
-from normscale.layout import EVAL_METRICS, RESUME_LINK, RESUME_RECORD, TRAIN_METRICS, checkpoint_dir, resume_states
+from normscale.layout import (EVAL_METRICS, RESUME_LINK, RESUME_RECORD, TRAIN_METRICS, checkpoint_dir, resume_state_dir,
+                              resume_states)
 
 WEIGHTS = "model.safetensors"
 def write_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -79,10 +80,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                               "delete the directory") from None
 
 
-def resume_staging(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / f".resume-{step}"
-
-
 def _file_hashes(directory: Path) -> dict[str, dict]:
     return {p.relative_to(directory).as_posix(): {"bytes": len(data := p.read_bytes()), "sha256": sha256_bytes(data)}
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != RESUME_RECORD}
@@ -93,7 +90,7 @@ def publish_resume(run_dir: Path, step: int, info: dict) -> None:
     files, point `resume` at it, and drop every older state but the previous one (the fallback if this one is
     found damaged)."""
     run_dir = Path(run_dir)
-    staging = resume_staging(run_dir, step)
+    staging = resume_state_dir(run_dir, step)
     with disk_full_guard(staging, "the previous resume state and every checkpoint"):
         write_json(staging / RESUME_RECORD, {**info, "step": step, "files": _file_hashes(staging)})
     link = run_dir / RESUME_LINK
@@ -102,7 +99,7 @@ def publish_resume(run_dir: Path, step: int, info: dict) -> None:
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(staging.name)
     os.replace(tmp_link, link)
-    for state in run_dir.glob(".resume-*"):
+    for state in resume_states(run_dir):
         if state.resolve() not in (staging.resolve(), previous):
             shutil.rmtree(state, ignore_errors=True)
 
@@ -139,8 +136,9 @@ def choose_resume(run_dir: Path) -> tuple[Path | None, dict | None, list[str]]:
 def remove_temporaries(run_dir: Path) -> None:
     """Drop what writers killed mid-write left behind (staged checkpoints, temporary files, unfinished resume
     states); only the run's lock holder may call it."""
+    states = set(resume_states(run_dir))
     for path in Path(run_dir).iterdir():
-        unfinished = path.name.startswith(".resume-") and not (path / RESUME_RECORD).exists()
+        unfinished = path in states and not (path / RESUME_RECORD).exists()
         if ".tmp-" in path.name or unfinished:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from normscale import settings
 from normscale.config import (Config, ConfigError, NormscaleError, RunFailedError, RunHeldError, RunRefusedError,
                               resolve_cache_dir, schema_keys)
+from normscale.layout import find_experiments
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SITE_ENV = CONF_DIR.parent / "slurm" / "site.env"
@@ -100,13 +101,12 @@ def allowed_keys(section: str) -> list[str]:
 
 
 def trained_experiment(name: str, args: list[str]) -> Path | None:
-    """The directory of a trained experiment called `name` under CACHE_DIR/experiments/<setting>/ (the command line's
-    cache_dir=, else CACHE_DIR), or None."""
+    """The directory of a trained experiment called `name` in any setting (normscale.layout.find_experiments) under
+    the command line's cache_dir=, else CACHE_DIR; None when there is none."""
     if not re.fullmatch(r"[\w.+-]+", name):
         return None
     cache = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("cache_dir=")]
-    found = sorted((resolve_cache_dir(cache[-1] if cache else None) / "experiments").glob(f"*/{name}"))
-    return next((p for p in found if p.is_dir()), None)
+    return next(iter(find_experiments(resolve_cache_dir(cache[-1] if cache else None), name)), None)
 
 
 def to_config(cfg) -> Config:

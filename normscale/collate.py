@@ -2,10 +2,10 @@
 `load_eval_results(setting, experiment_name)` returns them as a DataFrame.
 
 Every metrics file written by normscale.eval (beside each checkpoint, or in runs/bayes-<kind>/<dataset>/) goes into
-`<experiment>/metrics.h5`. Incremental: a file already collated (same size and mtime) is not read again; a
-re-evaluated one replaces its group. Idempotent: collating twice gives the same content. A checkpoint without its
-metrics file yet is skipped and picked up by a later pass (metrics files are written atomically, so a file is
-complete or absent). The new file is written beside the old one and renamed over it, under a lock.
+`<experiment>/metrics.h5` (these names and paths: normscale.layout). Incremental: a file already collated (same size
+and mtime) is not read again; a re-evaluated one replaces its group. Idempotent: collating twice gives the same
+content. A checkpoint without its metrics file yet is skipped and picked up by a later pass (metrics files are
+written atomically, so a file is complete or absent). The new file is written beside the old one and renamed over it, under a lock.
 
 Verified: a metrics file is read with normscale.results.load_metrics (its zip members checked against their CRC-32,
 then torch.load). A file that does not load, or whose identity_hash differs from the identity of the
@@ -21,7 +21,8 @@ Schema (plain h5py reads it; strings are UTF-8, configs JSON):
   /                                 attrs: schema "normscale.metrics", format 1, setting, experiment
   /runs/<run>/                      one per run; <run> is the run directory's path under runs/ with "/" -> ":"
                                     attrs: run (that path), model, kind ("" for trained models), data_dir, data_key,
-                                    config (the run's resolved config, JSON), overrides (JSON list)
+                                    config (the run's resolved config, JSON), overrides (JSON list: the run's
+                                    command-line overrides, layout.read_overrides)
   /runs/<run>/<entry>/              entry "step-00000200" (a checkpoint) or "final" (a single-shot model)
                                     attrs: step (-1 for "final"), sequences_seen, tokens_seen (-1 when unknown)
   /runs/<run>/<entry>/<mode>/       mode "standard" | "single_task"; attrs: source (metrics file path under the
@@ -65,12 +66,11 @@ import numpy as np
 
 from normscale.config import Config, EvalConfig, FaultError, NormscaleError, resolve_cache_dir
 from normscale.fileio import atomic_path, file_lock
-from normscale.layout import (CHECKPOINT_PATTERN, CONFIG_FILE, METRICS_FILES, identity_hash, is_sweep_parameter,
-                              read_config)
+from normscale.layout import (CONFIG_FILE, METRICS_FILES, checkpoint_step, collated_file, experiment_dir,
+                              identity_hash, is_sweep_parameter, read_config, read_overrides, runs_dir)
 from normscale.results import MetricsError, eval_settings, load_metrics
 
 SCHEMA, FORMAT = "normscale.metrics", 1
-COLLATED_FILE = "metrics.h5"
 MODE_OF_FILE = {name: mode for mode, name in METRICS_FILES.items()}
 SINGLE_SHOT_MODELS = ("bayes", "llm")  # no checkpoints; rows with checkpoint None
 
@@ -79,41 +79,35 @@ class SkippedMetricsError(FaultError):
     """Some metrics files could not be collated (each named on its own line); the others were."""
 
 
-def metrics_files(experiment_dir: Path) -> list[tuple[str, str, str, Path]]:
+def metrics_files(experiment: Path) -> list[tuple[str, str, str, Path]]:
     """(run, entry, mode, path) of every metrics file of an experiment, sorted. `run` is the run directory's path
     under runs/; entry "step-<step:08d>" for checkpoints (only complete, i.e. renamed, checkpoint directories),
     "final" for single-shot models."""
-    runs_dir = Path(experiment_dir) / "runs"
+    runs = runs_dir(experiment)
     found = []
-    for config_path in sorted(runs_dir.rglob(CONFIG_FILE)):
+    for config_path in sorted(runs.rglob(CONFIG_FILE)):
         run_dir = config_path.parent
-        run = run_dir.relative_to(runs_dir).as_posix()
+        run = run_dir.relative_to(runs).as_posix()
         for name, mode in MODE_OF_FILE.items():
             if (run_dir / name).exists():
                 found.append((run, "final", mode, run_dir / name))
             for checkpoint in run_dir.iterdir():
-                match = CHECKPOINT_PATTERN.match(checkpoint.name)
-                if match and (checkpoint / name).exists():
-                    found.append((run, f"step-{int(match.group(1)):08d}", mode, checkpoint / name))
+                step = checkpoint_step(checkpoint.name)
+                if step is not None and (checkpoint / name).exists():
+                    found.append((run, f"step-{step:08d}", mode, checkpoint / name))
     return sorted(found)
-
-
-def read_overrides(run_dir: Path) -> list[str]:
-    """The command-line overrides saved in the first line of a run's config_resolved.yaml."""
-    first = (Path(run_dir) / CONFIG_FILE).read_text().splitlines()[0]
-    return first.removeprefix("# overrides:").split()
 
 
 def collate(config: Config) -> Path:
     """Add what is new in the experiment to its metrics.h5; returns its path. Raises SkippedMetricsError (after
     collating the rest) when some metrics files could not be used."""
-    experiment_dir = config.experiment_dir
-    target = experiment_dir / COLLATED_FILE
-    if not (experiment_dir / "runs").exists():
-        raise NormscaleError(f"nothing to collate: {experiment_dir / 'runs'} does not exist; train and evaluate first")
+    experiment = experiment_dir(config)
+    target = collated_file(experiment)
+    if not runs_dir(experiment).exists():
+        raise NormscaleError(f"nothing to collate: {runs_dir(experiment)} does not exist; train and evaluate first")
     skipped: list[str] = []
-    with file_lock(experiment_dir / f".{COLLATED_FILE}.lock"):
-        found = metrics_files(experiment_dir)
+    with file_lock(target.with_name(f".{target.name}.lock")):
+        found = metrics_files(experiment)
         current = {}
         if target.exists():
             with h5py.File(target, "r") as f:
@@ -122,7 +116,7 @@ def collate(config: Config) -> Path:
                            if (g := f.get(f"runs/{group_name(run)}/{entry}/{mode}")) is not None}
         new = [(run, entry, mode, path) for run, entry, mode, path in found
                if current.get((run, entry, mode)) != (path.stat().st_size, path.stat().st_mtime_ns)]
-        usable = verified_metrics(experiment_dir, new, skipped)
+        usable = verified_metrics(experiment, new, skipped)
         first = next(usable, None)
         if not new:
             print(f"normscale: {target} is up to date ({len(found)} metrics files)")
@@ -137,7 +131,7 @@ def collate(config: Config) -> Path:
                     f.attrs.update({"schema": SCHEMA, "format": FORMAT, "setting": config.setting,
                                     "experiment": config.name})
                     for item in itertools.chain([first], usable):
-                        add_metrics(f, experiment_dir, *item)
+                        add_metrics(f, experiment, *item)
                         added += 1
                     write_sweep_parameters(f)
                     write_table(f)
@@ -147,46 +141,46 @@ def collate(config: Config) -> Path:
                   "differently may not compare (evaluate again with one set of eval_kwargs and overwrite=true)")
     if skipped:
         rest = f"the rest is collated in {target}" if target.exists() else f"{target} was not written"
-        raise SkippedMetricsError(f"{len(skipped)} metrics file(s) of {experiment_dir} were skipped, each named above: "
+        raise SkippedMetricsError(f"{len(skipped)} metrics file(s) of {experiment} were skipped, each named above: "
                                   f"{', '.join(skipped)}; {rest}")
     return target
 
 
-def verified_metrics(experiment_dir: Path, new: list[tuple[str, str, str, Path]], skipped: list[str]):
-    """(run, entry, mode, path, metrics, run config) of each new metrics file that loads and belongs to its run's
-    saved identity, one at a time; each other file is named in one line on stderr and appended to `skipped`."""
-    configs = {}
+def verified_metrics(experiment: Path, new: list[tuple[str, str, str, Path]], skipped: list[str]):
+    """(run, entry, mode, path, metrics, run config, run overrides) of each new metrics file that loads and belongs to
+    its run's saved identity, one at a time; each other file is named in one line on stderr and appended to
+    `skipped`."""
+    configs, overrides = {}, {}
     for run, entry, mode, path in new:
-        run_dir = experiment_dir / "runs" / run
+        run_dir = runs_dir(experiment) / run
         try:
             if run not in configs:
-                configs[run] = read_config(run_dir)
+                configs[run], overrides[run] = read_config(run_dir), read_overrides(run_dir)
             metrics = load_metrics(path)
             made_for, identity = metrics.get("identity_hash"), identity_hash(configs[run])
             if made_for is not None and made_for != identity:
                 raise MetricsError(f"{path} was evaluated for another run identity ({made_for}) than "
                                    f"{run_dir / CONFIG_FILE} describes ({identity})")
-        except NormscaleError as error:  # MetricsError, or its run's config cannot be read back
+        except NormscaleError as error:  # MetricsError, or its run's config or overrides cannot be read back
             hint = "; python -m normscale.eval evaluates it again" if isinstance(error, MetricsError) else ""
             print(f"normscale: skipped: {error}{hint}", file=sys.stderr,
                   flush=True)
-            skipped.append(path.relative_to(experiment_dir).as_posix())
+            skipped.append(path.relative_to(experiment).as_posix())
             continue
-        yield run, entry, mode, path, metrics, configs[run]
+        yield run, entry, mode, path, metrics, configs[run], overrides[run]
 
 
 def group_name(run: str) -> str:
     return run.replace("/", ":")
 
 
-def add_metrics(f: h5py.File, experiment_dir: Path, run: str, entry: str, mode: str, path: Path, metrics: dict,
-                run_config: Config) -> None:
-    run_dir = experiment_dir / "runs" / run
+def add_metrics(f: h5py.File, experiment: Path, run: str, entry: str, mode: str, path: Path, metrics: dict,
+                run_config: Config, overrides: list[str]) -> None:
     run_group = f.require_group(f"runs/{group_name(run)}")
     run_group.attrs.update({"run": run, "model": metrics["model"], "kind": metrics["kind"] or "",
                             "data_dir": metrics["data_dir"], "data_key": metrics["data_key"],
                             "config": json.dumps(dataclasses.asdict(run_config), sort_keys=True),
-                            "overrides": json.dumps(read_overrides(run_dir))})
+                            "overrides": json.dumps(overrides)})
     entry_group = run_group.require_group(entry)
     meta = metrics["checkpoint_meta"] or {}
     entry_group.attrs.update({"step": -1 if metrics["step"] is None else metrics["step"],
@@ -196,7 +190,7 @@ def add_metrics(f: h5py.File, experiment_dir: Path, run: str, entry: str, mode: 
         del entry_group[mode]
     group = entry_group.create_group(mode)
     stat = path.stat()
-    group.attrs.update({"source": path.relative_to(experiment_dir).as_posix(), "source_bytes": stat.st_size,
+    group.attrs.update({"source": path.relative_to(experiment).as_posix(), "source_bytes": stat.st_size,
                         "source_mtime_ns": stat.st_mtime_ns, "eval_kwargs": json.dumps(metrics["eval_kwargs"], sort_keys=True),
                         "eval_hashes": json.dumps(metrics["eval_hashes"], sort_keys=True),
                         "identity_hash": metrics.get("identity_hash") or "",
@@ -382,7 +376,7 @@ def load_eval_results(setting: str, experiment_name: str, cache_dir: str | None 
     evaluated since the last collation is collated first; metrics files that cannot be used are named on stderr and
     in a warning, and the frame holds the rest."""
     config = Config(setting=setting, name=experiment_name, cache_dir=str(resolve_cache_dir(cache_dir)))
-    path = config.experiment_dir / COLLATED_FILE
+    path = collated_file(experiment_dir(config))
     if update:
         try:
             collate(config)

@@ -298,14 +298,6 @@ class Config:
                 "when preparing the data (eval sets are part of a dataset's identity)")
 
     @property
-    def experiment_dir(self) -> Path:
-        return Path(self.cache_dir) / "experiments" / self.setting / self.name
-
-    @property
-    def data_dir(self) -> Path:
-        return self.experiment_dir / "data"
-
-    @property
     def checkpoint_steps(self) -> list[int]:
         s = self.training_kwargs.save_steps
         return checkpoint_schedule(s.schedule, self.training_kwargs.max_steps, s.num_checkpoints, s.first_step)

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -62,7 +61,8 @@ from normscale.data import load_eval_splits, load_single_task_split, load_task_p
 from normscale.data.dataset import MixtureDataset
 from normscale.data.priors import task_prior_weights
 from normscale.data.store import DataPlan, read_manifest, to_torch
-from normscale.layout import (CONFIG_FILE, METRICS_FILES, identity_hash, list_checkpoints, read_config,
+from normscale.layout import (CONFIG_FILE, METRICS_FILES, bayes_label, checkpoint_dir, experiment_dir, identity_hash,
+                              list_checkpoints, llm_label, read_config, runs_dir, single_shot_dir, trained_run_dirs,
                               write_config)
 from normscale.metrics import predict, summarize
 from normscale.model import TRAINABLE, build_model
@@ -76,7 +76,6 @@ from normscale.settings import get as get_setting
 FORMAT = 1
 REFERENCE_KINDS = ("memorizing", "generalizing")
 STRATEGY_LOSS_GROUPS = 10
-SINGLE_SHOT_PREFIXES = ("bayes-", "llm-")
 
 
 class ModelEvaluator:
@@ -233,16 +232,15 @@ class ModelEvaluator:
 def trained_runs(config: Config) -> list[Path]:
     """Run directories of the experiment holding a trained model (a saved config), sorted by name; only
     eval_kwargs.run when it is set."""
-    runs_dir = config.experiment_dir / "runs"
-    runs = sorted(p for p in runs_dir.glob("*") if (p / CONFIG_FILE).exists()
-                  and not p.name.startswith(SINGLE_SHOT_PREFIXES)) if runs_dir.exists() else []
+    runs = trained_run_dirs(experiment_dir(config))
     wanted = config.eval_kwargs.run
     if wanted is None:
         return runs
     chosen = [p for p in runs if p.name == wanted]
     if not chosen:
         names = ", ".join(p.name for p in runs) or "none"
-        raise NormscaleError(f"eval_kwargs.run={wanted!r} is not a trained run of {runs_dir}; runs: {names}")
+        raise NormscaleError(f"eval_kwargs.run={wanted!r} is not a trained run of {runs_dir(experiment_dir(config))}; "
+                             f"runs: {names}")
     return chosen
 
 
@@ -276,7 +274,7 @@ def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
 
     runs = trained_runs(config)
     if not runs:
-        raise NormscaleError(f"no trained runs in {config.experiment_dir / 'runs'}: train first "
+        raise NormscaleError(f"no trained runs in {runs_dir(experiment_dir(config))}: train first "
                              f"(python -m normscale.train name={config.name} ...), or evaluate a Bayes predictor "
                              "with model=bayes")
     filename = METRICS_FILES[config.eval_kwargs.mode]
@@ -311,7 +309,7 @@ def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
             run_config = with_eval_kwargs(saved[run], config)
             run_configs[run] = (run_config, plan_data(run_config))
         run_config, plan = run_configs[run]
-        checkpoint = run / f"checkpoint-{step}"
+        checkpoint = checkpoint_dir(run, step)
         loaded, problem = None, None
         if accelerator.is_main_process:  # verified once; the other ranks follow the main process's verdict
             try:
@@ -341,7 +339,7 @@ def evaluate_checkpoints(config: Config, accelerator) -> list[Path]:
         written.append(path)
     accelerator.wait_for_everyone()
     if skipped:
-        raise FaultError(f"{len(skipped)} checkpoint(s) of {config.experiment_dir / 'runs'} were skipped, each named "
+        raise FaultError(f"{len(skipped)} checkpoint(s) of {runs_dir(experiment_dir(config))} were skipped, each named "
                          f"above: {', '.join(skipped)}; the other {len(written)} were evaluated")
     return written
 
@@ -378,7 +376,7 @@ def evaluate_single_shot(config: Config, accelerator, label: str, kind: str | No
 
     filename = METRICS_FILES[config.eval_kwargs.mode]
     wanted = eval_settings(dataclasses.asdict(config.eval_kwargs), config.model)
-    datasets = [(plan, dataset_config, config.experiment_dir / "runs" / label / plan.directory.name)
+    datasets = [(plan, dataset_config, single_shot_dir(experiment_dir(config), label, plan.directory.name))
                 for plan, dataset_config in experiment_datasets(config, **changes)]
     chosen = None
     if accelerator.is_main_process:  # decided once, like the checkpoints
@@ -425,13 +423,8 @@ def evaluate_bayes(config: Config, accelerator) -> list[Path]:
         return {**evaluator.evaluate(predictor), "strategy_loss": evaluator.strategy_loss(predictor)}
 
     changes = {"model": "bayes", "model_kwargs": dataclasses.replace(config.model_kwargs, kind=kind)}
-    return evaluate_single_shot(config, accelerator, f"bayes-{kind}", kind, changes,
+    return evaluate_single_shot(config, accelerator, bayes_label(kind), kind, changes,
                                 ["model=bayes", f"model_kwargs.kind={kind}"], score)
-
-
-def llm_label(model_path: str) -> str:
-    """runs/llm-<label>: the last component of the local directory or hub id, made path-safe."""
-    return "llm-" + re.sub(r"[^A-Za-z0-9._-]", "_", model_path.rstrip("/").split("/")[-1])
 
 
 def evaluate_llm(config: Config, accelerator) -> list[Path]:

@@ -1,8 +1,8 @@
 """One writer per run: a lock record in the run directory, held for the run's whole life. Standard library only.
 
-`<run_dir>/lock.json` holds the holder's host, pid (and the pid's start time, so a reused pid is not mistaken for
-it), SLURM job id, when it took the lock and a heartbeat refreshed every HEARTBEAT_SECONDS by a thread. No flock: shared
-file systems differ in how (and whether) they honour it across nodes. The record is created with `link(2)` from a
+`<run_dir>/lock.json` (layout.LOCK_FILE) holds the holder's host, pid (and the pid's start time, so a reused pid is
+not mistaken for it), SLURM job id, when it took the lock and a heartbeat refreshed every HEARTBEAT_SECONDS by a
+thread. No flock: shared file systems differ in how (and whether) they honour it across nodes. The record is created with `link(2)` from a
 complete temporary file, which fails when the lock exists (atomic, also on NFS), so a reader never sees a partial one.
 
 The holder counts as dead when its pid is gone (same host), its SLURM job has left the queue (or it is this very job,
@@ -24,8 +24,8 @@ import uuid
 from pathlib import Path
 
 from normscale.config import RunHeldError
+from normscale.layout import LOCK_FILE
 
-LOCK_FILE = "lock.json"
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 600.0
 STALE_TAKEOVER_SECONDS = 30.0  # a takeover takes milliseconds; a marker older than this was left by a dead contender

@@ -37,8 +37,9 @@ from pathlib import Path
 from normscale.cli import check_overrides, compose, fail, grid, load_env, to_config
 from normscale.config import Config, NormscaleError
 from normscale.fileio import write_json
-from normscale.layout import (CONFIG_FILE, FAILED_FILE, identity_diff, max_steps_change, read_config,
-                              read_failure, resume_step, run_name)
+from normscale.layout import (CONFIG_FILE, FAILED_FILE, experiment_dir, identity_diff, latest_sweep_manifest,
+                              max_steps_change, read_config, read_failure, resume_step, run_directory, sweep_log,
+                              sweep_logs_dir, sweep_manifest)
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_SCRIPT = ROOT / "slurm" / "sweep.sh"
@@ -108,8 +109,7 @@ class Point:
 
 def resolve(point: list[str]) -> Point:
     config: Config = to_config(compose(point))
-    return Point(point, config.experiment_dir / "runs" / run_name(point, config.seed), config.training_kwargs.max_steps,
-                 config)
+    return Point(point, run_directory(config, point), config.training_kwargs.max_steps, config)
 
 
 def array_spec(indices: list[int]) -> str:
@@ -150,13 +150,15 @@ def resources() -> dict[str, str]:
             "throttle": os.environ.get("NORMSCALE_ARRAY_THROTTLE", "0")}
 
 
-def sbatch_command(manifest: Path, offset: int, task_ids: list[int], name: str, log_dir: Path, res: dict,
+def sbatch_command(manifest: Path, offset: int, task_ids: list[int], name: str, res: dict,
                    throttle: int) -> list[str]:
     spec = array_spec(task_ids) + (f"%{throttle}" if throttle > 0 else "")
+    log = sweep_log(manifest, "%A_%a")  # sbatch's pattern; slurm/sweep.sh names the log from NORMSCALE_SWEEP_LOG
     command = ["sbatch", "--parsable", f"--array={spec}", f"--job-name=ns-{name}",
-               f"--output={log_dir}/%A_%a.out", "--open-mode=append", "--requeue",
+               f"--output={log}", "--open-mode=append", "--requeue",
                f"--signal=B:USR1@{res['signal_seconds']}", f"--cpus-per-task={res['cpus_per_task']}",
-               f"--export=ALL,NORMSCALE_ROOT={ROOT},NORMSCALE_SWEEP_MANIFEST={manifest},NORMSCALE_SWEEP_OFFSET={offset}"]
+               f"--export=ALL,NORMSCALE_ROOT={ROOT},NORMSCALE_SWEEP_MANIFEST={manifest},NORMSCALE_SWEEP_OFFSET={offset},"
+               f"NORMSCALE_SWEEP_LOG={log}"]
     for key in ("partition", "account", "time"):
         if res[key]:
             command.append(f"--{key}={res[key]}")
@@ -186,15 +188,13 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
         return None
     res = resources()
     throttle = int(res["throttle"]) if throttle is None else throttle
-    experiment_dir = points[0].run_dir.parent.parent
+    experiment = experiment_dir(points[0].config)
     record = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "overrides": overrides,
               "points": [p.overrides for p in points], "run_dirs": [str(p.run_dir) for p in points],
               "submitted": todo, "resources": res, "throttle": throttle, "jobs": []}
     digest = hashlib.sha256(json.dumps(record["points"]).encode()).hexdigest()[:8]
-    sweeps = experiment_dir / "sweeps"
-    manifest = sweeps / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}.json"
-    log_dir = sweeps / "logs"
-    arrays = [(offset, ids, sbatch_command(manifest, offset, ids, experiment_dir.name, log_dir, res, throttle))
+    manifest = sweep_manifest(experiment, time.strftime('%Y%m%d-%H%M%S'), digest)
+    arrays = [(offset, ids, sbatch_command(manifest, offset, ids, experiment.name, res, throttle))
               for offset, ids in chunks(todo, max_array_size())]
     if not submit:
         for _, _, command in arrays:
@@ -202,13 +202,13 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
         print("normscale: `plan --submit` (or sbatch slurm/sweep.sh with the same overrides) writes that manifest "
               "and submits")
         return None
-    log_dir.mkdir(parents=True, exist_ok=True)
+    sweep_logs_dir(manifest).mkdir(parents=True, exist_ok=True)
     write_json(manifest, record)  # frozen before any task can start
     for offset, task_ids, command in arrays:
         job_id = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
         record["jobs"].append({"job_id": job_id, "offset": offset, "array": array_spec(task_ids)})
         print(f"normscale: submitted array job {job_id} (--array={array_spec(task_ids)}, offset {offset}); "
-              f"logs {log_dir}/{job_id}_<task>.out")
+              f"logs {sweep_log(manifest, f'{job_id}_<task>')}")
     write_json(manifest, record)
     print(f"normscale: manifest {manifest}")
     return manifest
@@ -255,11 +255,8 @@ def status(overrides: list[str], manifest: Path | None) -> dict[str, list[int]]:
     paths), missing, conflict (a run directory trained with another identity, with the keys that differ)."""
     if manifest is None:
         points = grid(overrides)
-        sweeps = resolve(points[0]).run_dir.parent.parent / "sweeps"
-        manifests = sorted(sweeps.glob("*.json"), key=lambda p: p.stat().st_mtime) if sweeps.exists() else []
-        manifest = manifests[-1] if manifests else None
+        manifest = latest_sweep_manifest(experiment_dir(resolve(points[0]).config))
     record = json.loads(Path(manifest).read_text()) if manifest else {"points": grid(overrides), "jobs": []}
-    log_dir = Path(manifest).parent / "logs" if manifest else None
     by_index = {}
     for job in record["jobs"]:
         task_ids = [int(t) for part in job["array"].split(",") for t in _expand(part)]
@@ -272,7 +269,7 @@ def status(overrides: list[str], manifest: Path | None) -> dict[str, list[int]]:
         disk = point_i.state()
         task = by_index.get(i)
         slurm, code = states.get(task, ("", "")) if task else ("", "")
-        log = f", log {log_dir}/{task}.out" if task else ""
+        log = f", log {sweep_log(manifest, task)}" if task else ""
         if disk in ("finished", "conflict"):
             group, detail = disk, point_i.detail(disk)
         elif disk == "failed":
@@ -281,7 +278,7 @@ def status(overrides: list[str], manifest: Path | None) -> dict[str, list[int]]:
             group, detail = "running", f"{task} {slurm}"
         elif slurm in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "PREEMPTED", "BOOT_FAIL",
                        "DEADLINE", "COMPLETED"):
-            group, detail = "failed", f"{task} {slurm} exit {code}, log {log_dir}/{task}.out"
+            group, detail = "failed", f"{task} {slurm} exit {code}, log {sweep_log(manifest, task)}"
         else:
             group, detail = "missing", ""
         groups[group].append(i)

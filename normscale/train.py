@@ -25,14 +25,14 @@ from normscale.data.store import check_budget, rank_rows, to_torch
 from normscale.dist.accel import (check_replicas_identical, decided_on_main, finish_process, keep_freed_memory,
                                   load_resume, make_accelerator, prepare, save_checkpoint, save_resume)
 from normscale.fileio import write_json
-from normscale.layout import (CONFIG_FILE, EVAL_METRICS, FAILED_FILE, TRAIN_METRICS, identity_diff, identity_hash,
-                              list_checkpoints, max_steps_change, read_config, read_failure, resume_states, resume_step,
-                              run_name, write_config)
+from normscale.layout import (CONFIG_FILE, EVAL_METRICS, FAILED_FILE, LOCK_FILE, TRAIN_METRICS, identity_diff,
+                              identity_hash, list_checkpoints, max_steps_change, read_config, read_failure,
+                              resume_states, resume_step, run_directory, write_config)
 from normscale.metrics import metric_sums, predict
 from normscale.model import build_model
 from normscale.model.mup import optimizer_groups
 from normscale.provenance import provenance
-from normscale.runlock import LOCK_FILE, RunLock
+from normscale.runlock import RunLock
 from normscale.settings import get as get_setting
 
 
@@ -209,7 +209,7 @@ def train(config: Config, overrides: list[str]) -> Path:
     preemption = Preemption()  # first: a signal during start-up stops the run at its first step boundary
     keep_freed_memory()
     accelerator = make_accelerator(config)
-    run_dir = config.experiment_dir / "runs" / run_name(overrides, config.seed)
+    run_dir = run_directory(config, overrides)
     plan = plan_data(config)
     check_budget(config, plan)  # data problems surface before anything is written
     lock = RunLock(run_dir) if accelerator.is_main_process else None

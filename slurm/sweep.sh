@@ -20,7 +20,8 @@ if [[ -z "${NORMSCALE_SWEEP_MANIFEST:-}" || -z "${SLURM_ARRAY_TASK_ID:-}" ]]; th
 fi
 
 index=$((NORMSCALE_SWEEP_OFFSET + SLURM_ARRAY_TASK_ID))
-log="$(dirname "$NORMSCALE_SWEEP_MANIFEST")/logs/${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}.out"
+log=${NORMSCALE_SWEEP_LOG//%A/$SLURM_ARRAY_JOB_ID}  # sbatch's --output pattern (normscale.layout.sweep_log)
+log=${log//%a/$SLURM_ARRAY_TASK_ID}
 mapfile -t point < <("$NORMSCALE_PYTHON" -m normscale.sweep point --manifest "$NORMSCALE_SWEEP_MANIFEST" --index "$index")
 gpus=${SLURM_GPUS_ON_NODE:-0}
 procs=${NORMSCALE_PROCESSES_PER_TASK:-$(( gpus > 1 ? gpus : 1 ))}

@@ -161,20 +161,3 @@ def test_cache_dir_from_environment_dotenv_and_default(tmp_path):
     assert f"CACHE_DIR={tmp_path / 'cache'}" in out
     for root in (env_cache, dotenv_cache, tmp_path / "cache"):
         assert list(Path(root).glob("experiments/balls_and_urns/demo/data/*/manifest.json"))
-
-
-def test_run_names_come_from_the_overrides_that_define_the_run():
-    from normscale.layout import run_name
-    assert run_name([], 0) == "seed=0"
-    assert run_name(["model_kwargs.hidden_size=256", "name=x", "experiment=demo", "overwrite=true", "seed=3",
-                     "eval_kwargs.num_eval_batches=2", "logging.wandb=false", "hydra.verbose=true", "setting=classification",
-                     "+task_kwargs.num_tasks=64"], 3) == "model_kwargs.hidden_size=256,task_kwargs.num_tasks=64,seed=3"
-    # execution and observation keys are not identity: same run directory
-    assert run_name(["training_kwargs.log_every=5", "training_kwargs.eval_every=7", "data_kwargs.max_storage_gb=1",
-                     "data_kwargs.shard_mb=2", "cache_dir=/x", "pack=4", "model_kwargs.sharding=fsdp",
-                     "hydra/launcher=slurm", "model=mlp"], 0) == "model=mlp,seed=0"
-    assert run_name(["model_kwargs.hidden_size=32", "model_kwargs.hidden_size=48"], 0) == "model_kwargs.hidden_size=48,seed=0"
-    assert run_name(["data_kwargs.source=a/b c"], 1) == "data_kwargs.source=a_b_c,seed=1"
-    a = run_name([f"training_kwargs.learning_rate={'1' * 300}"], 7)
-    b = run_name([f"training_kwargs.learning_rate={'1' * 299}2"], 7)
-    assert len(a) <= 200 and a.endswith(",seed=7") and a != b  # shortened, seed kept, the hash tells them apart

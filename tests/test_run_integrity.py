@@ -18,9 +18,8 @@ from conftest import ROOT, run_module, small_config
 from faults import flip, one_error_line, run_on_small_disk, tree_bytes, truncate
 
 from normscale.checkpoints import load_checkpoint, read_jsonl
-from normscale.layout import list_checkpoints, resume_step
-from normscale.layout import FAILED_FILE
-from normscale.runlock import LOCK_FILE, RunLock
+from normscale.layout import FAILED_FILE, LOCK_FILE, list_checkpoints, resume_step
+from normscale.runlock import RunLock
 
 TINY = ["setting=balls_and_urns", "name=t", "task_kwargs.num_dims=4", "task_kwargs.context_length=12",
         "task_kwargs.num_ood_tasks=20", "training_kwargs.batch_size=8", "data_kwargs.eval_size=64",

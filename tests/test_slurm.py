@@ -43,11 +43,13 @@ def test_array_specs_chunks_and_sbatch_resources(tmp_path, monkeypatch):
     monkeypatch.setenv("NORMSCALE_CPUS_PER_TASK", "6")
     monkeypatch.setenv("NORMSCALE_GPUS_PER_TASK", "4")
     monkeypatch.setenv("NORMSCALE_TIME_MIN", "90")
-    command = sweep.sbatch_command(tmp_path / "m.json", 8, [0, 1], "exp", tmp_path, sweep.resources(), throttle=3)
+    command = sweep.sbatch_command(tmp_path / "m.json", 8, [0, 1], "exp", sweep.resources(), throttle=3)
     assert "--array=0-1%3" in command and "--partition=gpu" in command and "--cpus-per-task=6" in command
     assert "--gpus-per-task=4" in command and "--time=90" in command and "--requeue" in command
     assert any(a.startswith("--signal=B:USR1@") for a in command)
-    assert f"--export=ALL,NORMSCALE_ROOT={ROOT},NORMSCALE_SWEEP_MANIFEST={tmp_path / 'm.json'},NORMSCALE_SWEEP_OFFSET=8" in command
+    assert (f"--export=ALL,NORMSCALE_ROOT={ROOT},NORMSCALE_SWEEP_MANIFEST={tmp_path / 'm.json'},NORMSCALE_SWEEP_OFFSET=8,"
+            f"NORMSCALE_SWEEP_LOG={tmp_path / 'logs' / '%A_%a.out'}") in command
+    assert f"--output={tmp_path / 'logs' / '%A_%a.out'}" in command
     assert command[-1] == str(ROOT / "slurm" / "sweep.sh")
 
 

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import h5py
 
+from normscale.layout import DATA_MANIFEST
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("directory", type=Path, help="a dataset directory (it holds manifest.json)")
+    parser.add_argument("directory", type=Path, help=f"a dataset directory (it holds {DATA_MANIFEST})")
     parser.add_argument("--step", type=int, default=0, help="training step whose batch to print")
     args = parser.parse_args()
-    manifest_path = args.directory / "manifest.json"
+    manifest_path = args.directory / DATA_MANIFEST
     if not manifest_path.exists():
         parser.error(f"{manifest_path} does not exist: pass a dataset directory under .../data/")
     manifest = json.loads(manifest_path.read_text())

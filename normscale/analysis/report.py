@@ -25,9 +25,10 @@ import numpy as np
 
 from normscale import settings
 from normscale.analysis import figures, normative
-from normscale.collate import COLLATED_FILE, read_results
+from normscale.collate import read_results
 from normscale.config import Config, NormscaleError
 from normscale.fileio import write_json
+from normscale.layout import analysis_dir, collated_file, experiment_dir
 
 def observed_transition_step(steps: list[int], w_m: list[float]) -> int | None:
     """SPEC C: the first checkpoint after which w_M stays above 0.5 (None when the last one is not above it)."""
@@ -50,7 +51,7 @@ def task_diversity_threshold(num_tasks: list[int], final_w_m: list[float]) -> fl
 
 
 def load_frame(config: Config):
-    path = config.experiment_dir / COLLATED_FILE
+    path = collated_file(experiment_dir(config))
     if not path.exists():
         raise NormscaleError(f"{path} does not exist: run `python -m normscale.collate` with the experiment's "
                              "overrides first")
@@ -86,7 +87,7 @@ def analyze(config: Config) -> Path:
             f"no Bayes results for dataset(s) {', '.join(missing)} in {path}: run `python -m normscale.eval -m "
             f"name={config.name} setting={setting} model=bayes model_kwargs.kind=memorizing,generalizing`, then "
             "collate again")
-    out = config.experiment_dir / "analysis"
+    out = analysis_dir(experiment_dir(config))
     metric = settings.facts(setting).report_metric
 
     strategy_losses = defaultdict(lambda: defaultdict(list))  # D -> kind -> [L_s per dataset]

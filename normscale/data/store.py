@@ -37,9 +37,10 @@ from normscale.config import Config, ConfigError, DataConfig, EvalConfig, Normsc
 from normscale import settings
 from normscale.data.dataset import MixtureDataset, draw_task_pools, make_eval_splits, make_single_task_split
 from normscale.fileio import atomic_path, file_lock, sha256_bytes, write_json
+from normscale.layout import DATA_MANIFEST, data_root, dataset_location
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = DATA_MANIFEST
 MAX_STEPS_PER_SHARD = 4096  # small batches: a short run generates at most this many steps beyond its own
 
 
@@ -76,7 +77,7 @@ def plan_data(config: Config) -> DataPlan:
     name = f"D{task.num_tasks}-{task.prior}-b{training.batch_size}-seed{config.seed}-{key}"
     num_shards = math.ceil(training.max_steps / steps_per_shard)
     eval_bytes = len(setting.eval_splits) * _bytes_per_step(setting, data.eval_size)
-    return DataPlan(config.data_dir / name, key, spec, steps_per_shard, num_shards, bytes_per_step,
+    return DataPlan(data_root(config) / name, key, spec, steps_per_shard, num_shards, bytes_per_step,
                     num_shards * steps_per_shard * bytes_per_step, eval_bytes)
 
 
@@ -393,12 +394,12 @@ def data_command(directory: Path, spec: dict, max_steps: int | None, shard_mb: f
     """The `python -m normscale.data <overrides>` that prepares, verifies and repairs the dataset in `directory`
     (shards up to `max_steps`; None: no shards, data_kwargs.source=generate): every value that determines the data,
     read from its spec, where it lives, read from its path, and only what makes the rest of the config valid.
-    None when `directory` is not in the layout <cache_dir>/experiments/<setting>/<name>/data/<dataset>."""
-    directory = Path(directory)
-    up = directory.parents
-    if len(up) < 5 or up[0].name != "data" or up[2].name != spec["setting"] or up[3].name != "experiments":
+    None when `directory` is not a dataset directory of the layout (normscale.layout.dataset_location)."""
+    location = dataset_location(directory)
+    if location is None or location["setting"] != spec["setting"]:
         return None
-    values = {"cache_dir": str(up[4]), "name": up[1].name, "setting": spec["setting"], "seed": spec["seed"]}
+    values = {"cache_dir": location["cache_dir"], "name": location["name"], "setting": spec["setting"],
+              "seed": spec["seed"]}
     task_defaults = dataclasses.asdict(TaskConfig())
     for key, value in spec["task_kwargs"].items():
         if key in _COMMON_TASK_KEYS:

@@ -21,10 +21,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from safetensors.torch import load_file, save_file
 
-from normscale.checkpoints import choose_resume, publish_resume, resume_staging, write_checkpoint
+from normscale.checkpoints import choose_resume, publish_resume, write_checkpoint
 from normscale.config import Config, ConfigError, FaultError, NormscaleError, RunRefusedError
 from normscale.dist import process_info
 from normscale.fileio import disk_full_guard
+from normscale.layout import resume_state_dir
 
 PRECISION = {"fp32": "no", "bf16": "bf16"}
 # glibc malloc parameters, name: (mallopt option, normscale's value); the environment variable is MALLOC_<name>_.
@@ -150,7 +151,7 @@ def save_resume(accelerator: Accelerator, run_dir: Path, step: int, accumulators
     """The rolling resume state at `step`: model, optimizer, scheduler, RNG (sharded as the run is), and each rank's
     metric accumulators, so a resumed run logs exactly what an uninterrupted one would. Collective: every rank writes
     its part into the staging directory, then the main process records their hashes and publishes it atomically."""
-    staging = resume_staging(run_dir, step)
+    staging = resume_state_dir(run_dir, step)
     if accelerator.is_main_process and staging.exists():  # left by a save that did not finish
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
