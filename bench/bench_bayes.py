@@ -127,7 +127,7 @@ def main() -> None:
 
     import torch
 
-    from normscale.model.bayes import CHUNK_ELEMENTS
+    from normscale.settings.bayes import CHUNK_ELEMENTS
 
     D, note = args.D, ""
     itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normscale import settings
+from normscale import registry
 
 TASK_PRIORS = ("uniform", "power_law", "constant_freq")
 SCHEDULES = ("sqrt_schedule", "linear_schedule", "end_only")
@@ -278,7 +278,7 @@ class Config:
         return config
 
     def check(self) -> None:
-        _choice("setting", self.setting, settings.names())
+        _choice("setting", self.setting, registry.names())
         _choice("model", self.model, MODELS)
         if self.model == "hf_gpt_neox" and self.model_kwargs.parametrization == "mup":
             raise ConfigError("model=hf_gpt_neox trains transformers' GPTNeoX as the predecessor did (sp only); "

@@ -6,7 +6,11 @@ import pytest
 
 FORBIDDEN = {
     "normscale.config": ["torch", "numpy", "hydra", "omegaconf", "normscale.data", "normscale.model"],
+    "normscale.registry": ["torch", "numpy", "hydra", "omegaconf", "normscale.settings", "normscale.data", "normscale.model"],
     "normscale.settings": ["torch", "numpy", "hydra", "omegaconf", "normscale.data", "normscale.model"],
+    **{f"normscale.settings.{name}": ["hydra", "omegaconf", "accelerate", "transformers", "normscale.data", "normscale.model",
+                                      "normscale.dist", "normscale.cli"]
+       for name in ("balls_and_urns", "linear_regression", "classification")},
     "normscale.data": ["hydra", "omegaconf", "accelerate", "deepspeed", "normscale.dist", "normscale.model", "normscale.cli"],
     "normscale.model": ["hydra", "omegaconf", "accelerate", "deepspeed", "normscale.dist", "normscale.data", "normscale.cli"],
     "normscale.eval": ["hydra", "normscale.train", "normscale.collate", "normscale.analysis"],

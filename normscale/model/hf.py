@@ -17,7 +17,7 @@ from torch import nn
 
 from normscale.config import ModelConfig
 from normscale.model import mup
-from normscale.model.network_io import NetworkIO
+from normscale.settings.network_io import NetworkIO
 from normscale.model.transformer import check_heads, mlp_width, sequence_tokens
 
 

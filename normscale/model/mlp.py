@@ -1,7 +1,7 @@
 """The MLP baseline (DESIGN): position t is predicted from the flattened, zero-padded prefix plus a one-hot of t.
 
 The input of position t is the sequence's C position blocks flattened, blocks after t set to zero, then a one-hot
-of t (C entries). A block holds the input of that position (normscale.model.network_io): token ids one-hot (urns:
+of t (C entries). A block holds the input of that position (normscale.settings.network_io): token ids one-hot (urns:
 V+1 entries, start token included, so output t reads tokens[:, :t+1] and predicts tokens[:, t+1]); pairs (x_s, y_s),
 d+1 entries, whose y part is zero at and after t itself (prediction t sees x_<=t and y_<t: the transformer's y~
 tokens, without their always-zero entries). It knows no setting: its NetworkIO says what it reads and predicts.
@@ -20,7 +20,7 @@ from torch import nn
 
 from normscale.config import ModelConfig
 from normscale.model import mup
-from normscale.model.network_io import NetworkIO
+from normscale.settings.network_io import NetworkIO
 from normscale.model.transformer import mlp_width
 
 

@@ -7,7 +7,7 @@ first quarter of each head's dimensions (GPT-NeoX's rotary_pct 0.25, rotate-half
 through scaled_dot_product_attention, a GELU MLP of width hidden_size * mlp_expansion_factor, a final LayerNorm.
 No dropout. Parameter names and the fused per-head [q | k | v] layout match GPT-NeoX's, so weights map one to one.
 
-Read-in (normscale.model.network_io): token ids -> an embedding; pairs -> a linear read-in of the interleaved tokens
+Read-in (normscale.settings.network_io): token ids -> an embedding; pairs -> a linear read-in of the interleaved tokens
 x_1, y~_1, ..., x_C. Read-out: a linear layer at the predicted positions (every position, the x positions, or the
 last one).
 Initialisation and muP scaling are functions of shapes (normscale.model.mup).
@@ -20,7 +20,7 @@ from torch import nn
 
 from normscale.config import ModelConfig
 from normscale.model import mup
-from normscale.model.network_io import NetworkIO, interleave
+from normscale.settings.network_io import NetworkIO, interleave
 
 ROTARY_FRACTION = 0.25  # GPT-NeoX's rotary_pct
 ROTARY_BASE = 10_000.0

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from normscale.config import ConfigError
-from normscale.model.bayes import BayesPredictor
-from normscale.model.network_io import NetworkIO
+from normscale.settings.bayes import BayesPredictor
+from normscale.settings.network_io import NetworkIO
 from normscale.settings.base import Setting, categorical_distance, categorical_mixture, require
 
 

@@ -7,7 +7,7 @@ A `Setting` is built for one TaskConfig and answers everything that differs betw
                sample (sequences given task ids, with a torch generator on its device: the HDF5 shards and the
                on-device batches alike), eval_splits, sequence_task_params (per-sequence task parameters saved with
                each eval split), tokens_per_sequence
-  networks     network_io: what a trained network reads and predicts (normscale.model.network_io)
+  networks     network_io: what a trained network reads and predicts (normscale.settings.network_io)
   scoring      objective (the training loss of each sequence), predictions (raw outputs -> the shared convention
                below), pointwise (SPEC C's loss and task metric per sequence and position), distance, mixture,
                labels, strategy_loss (SPEC D's L_s per sequence and position, named by strategy_measure)
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from normscale.config import ConfigError, TaskConfig
-from normscale.model.network_io import NetworkIO
+from normscale.settings.network_io import NetworkIO
 
 
 class Setting:
@@ -114,7 +114,7 @@ class Setting:
 
     def predictor(self, kind: str, tasks: dict | None = None, log_prior: torch.Tensor | None = None,
                   dtype: torch.dtype = torch.float64, chunk_elements: int | None = None) -> torch.nn.Module:
-        """The `kind` Bayes predictor (normscale.model.bayes.BayesPredictor); memorizing needs the D training tasks
+        """The `kind` Bayes predictor (normscale.settings.bayes.BayesPredictor); memorizing needs the D training tasks
         and their log prior."""
         raise NotImplementedError
 

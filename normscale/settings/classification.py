@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from normscale.config import ConfigError
-from normscale.model.bayes import PROB_CLIP, BayesPredictor
-from normscale.model.network_io import NetworkIO
+from normscale.settings.bayes import PROB_CLIP, BayesPredictor
+from normscale.settings.network_io import NetworkIO
 from normscale.settings.base import Setting, categorical_distance, categorical_mixture, require
 
 

@@ -11,8 +11,8 @@ import math
 import numpy as np
 import torch
 
-from normscale.model.bayes import BayesPredictor, exclusive_cumsum
-from normscale.model.network_io import NetworkIO
+from normscale.settings.bayes import BayesPredictor, exclusive_cumsum
+from normscale.settings.network_io import NetworkIO
 from normscale.settings.base import Setting, require
 
 

@@ -1,5 +1,5 @@
-"""What a trained network reads and writes: the whole of what the backbones (Transformer, MLP, GPT-NeoX) know of a
-setting, which builds it (`Setting.network_io`).
+"""What a trained network reads and writes: the whole of what the backbones (normscale.model: Transformer, MLP,
+GPT-NeoX) know of a setting, which builds it (`Setting.network_io`).
 
 inputs "ids":   `read(batch)` gives (B, C) int64 token ids below `input_size`; a sequence model embeds them.
 inputs "pairs": `read(batch)` gives xs (B, C, d = input_size) and ys (B, C); a sequence model reads the interleaved

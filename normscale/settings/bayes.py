@@ -1,5 +1,6 @@
 """Bayes-optimal predictors (SPEC B): memorizing (M), generalizing (G) and Const. Each setting implements its own
-(normscale/settings/<setting>.py) on the `BayesPredictor` base below, which checks the inputs and chunks the work.
+(normscale/settings/<setting>.py) on the `BayesPredictor` base below, which checks the inputs and chunks the work;
+`normscale.model.build_bayes` and a setting's `predictor(kind, ...)` build them.
 
 A predictor is called like a trained model: `forward(batch)` takes a batch dict of its setting and returns
 predictions in the shared convention (normscale.settings.base). Posteriors over tasks are softmaxes of
@@ -12,22 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normscale import settings
-from normscale.config import BAYES_KINDS, TaskConfig
+from normscale.config import BAYES_KINDS
 
 CHUNK_ELEMENTS = 2**22  # entries of the largest per-chunk block: ~16 MiB float32, small enough to stay cache-friendly
 PROB_CLIP = 1e-5
-
-
-def build_bayes(setting: str, kind: str, task: TaskConfig, tasks: dict | None = None,
-                log_prior: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
-                chunk_elements: int = CHUNK_ELEMENTS) -> BayesPredictor:
-    """The `kind` predictor ("memorizing", "generalizing", "const") of `setting`.
-
-    memorizing needs the D training tasks (`tasks`, as from the setting's draw_tasks: tensors or arrays) and
-    `log_prior` (D,), the log of `normscale.data.priors.task_prior_weights(...)`; the others ignore both.
-    """
-    return settings.get(setting, task).predictor(kind, tasks, log_prior, dtype, chunk_elements)
 
 
 class BayesPredictor(nn.Module):
