@@ -15,6 +15,8 @@ path, trained for --steps steps by:
                    hand in a bare `for` loop over the same batches (no logging, no progress bar, no checks), under
                    normscale's malloc settings
 Each configuration runs in its own process, --rounds times in alternating order (the median is shown).
+With --baseline-code DIR (a checkout of another commit, e.g. `git worktree add --detach /tmp/base <commit>`), only
+normscale's loop runs, from this checkout and from DIR alike, interleaved: a change's cost in steps/s, as a ratio.
 Steady state: steps per second over all steps after the first --window (warm-up), from train_metrics.jsonl's
 seconds_per_step for normscale and from a callback's time stamps at each step's end for the Trainer (the same
 quantity: wall time of steps window+1..steps over their number). On a machine with a GPU everything runs on it
@@ -67,19 +69,26 @@ def normscale_overrides(cache_dir: Path, steps: int, window: int) -> list[str]:
             "training_kwargs.save_steps.schedule=end_only", "logging.wandb=false"]
 
 
-def run(command: list[str], env: dict | None = None) -> str:
-    """Run a configuration in its own process; its stdout, or exit with its error."""
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+def run(command: list[str], env: dict | None = None, code: Path = ROOT) -> str:
+    """Run a configuration in its own process (with the normscale of checkout `code`); its stdout, or exit with its
+    error."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(code)}
+    done = subprocess.run(command, cwd=code, capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     return done.stdout
 
 
-def normscale_rate(cache_dir: Path, extra: list[str], steps: int, window: int) -> float:
+def normscale_rate(cache_dir: Path, extra: list[str], steps: int, window: int, code: Path = ROOT) -> float:
+    """Steady-state steps/s of `python -m normscale.train`, from checkout `code` (another checkout runs in a cache
+    directory of its own, whose only run is this one)."""
+    if code != ROOT:
+        cache_dir = cache_dir / "baseline"
     overrides = [*normscale_overrides(cache_dir, steps, window), "overwrite=true", *extra]
-    run([sys.executable, "-m", "normscale.train", *overrides])
-    run_dir = run_directory(compose(overrides), overrides)
-    records = [json.loads(line) for line in (run_dir / TRAIN_METRICS).read_text().splitlines()]
+    run([sys.executable, "-m", "normscale.train", *overrides], code=code)
+    metrics = run_directory(compose(overrides), overrides) / TRAIN_METRICS if code == ROOT else \
+        next(cache_dir.glob(f"experiments/*/bench/*/*/{TRAIN_METRICS}"))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     return 1 / (sum(r["seconds_per_step"] for r in records[1:]) / len(records[1:]))
 
 
@@ -173,6 +182,8 @@ def main() -> None:
     parser.add_argument("--trainer", choices=TRAINER_OPTIONS, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--bare", choices=("transformer", "hf_gpt_neox"), help=argparse.SUPPRESS)  # child process
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-code", type=Path, help="a checkout of another commit: compare normscale's loop "
+                        "from here and from there, nothing else")
     args = parser.parse_args()
     if args.steps % args.window or args.steps < 2 * args.window:
         parser.error("--steps must be a multiple of --window, and at least two windows")
@@ -193,18 +204,24 @@ def main() -> None:
         def child(*mode: str, env: dict | None = None):
             return partial(child_rate, cache_dir, args.steps, args.window, *mode, env=env)
 
-        configs = {trainer_label(o): child("--trainer", o) for o in TRAINER_OPTIONS}
-        configs[trainer_label("untuned", malloc=True)] = child("--trainer", "untuned", env=MALLOC_ENV)
-        configs |= {f"normscale, {' '.join(extra)}": partial(normscale_rate, cache_dir, extra, args.steps, args.window)
-                    for extra in NORMSCALE_RUNS}
-        configs |= {f"bare step, model={m}": child("--bare", m) for m in ("transformer", "hf_gpt_neox")}
+        if args.baseline_code:
+            configs = {f"normscale at {args.baseline_code}": partial(normscale_rate, cache_dir, [], args.steps,
+                                                                     args.window, args.baseline_code.resolve()),
+                       "normscale, this checkout": partial(normscale_rate, cache_dir, [], args.steps, args.window)}
+        else:
+            configs = {trainer_label(o): child("--trainer", o) for o in TRAINER_OPTIONS}
+            configs[trainer_label("untuned", malloc=True)] = child("--trainer", "untuned", env=MALLOC_ENV)
+            configs |= {f"normscale, {' '.join(extra)}": partial(normscale_rate, cache_dir, extra, args.steps,
+                                                                 args.window) for extra in NORMSCALE_RUNS}
+            configs |= {f"bare step, model={m}": child("--bare", m) for m in ("transformer", "hf_gpt_neox")}
         rates = {name: [] for name in configs}
         for r in range(args.rounds):  # alternate the order, so that drift in the machine's load hits all alike
             for name in (configs if r % 2 == 0 else reversed(configs)):
                 rates[name].append(configs[name]())
                 print(f"  round {r + 1}: {name}: {rates[name][-1]:.2f} steps/s", flush=True)
-    baseline = statistics.median(rates[trainer_label("untuned")])
-    print(f"\n| configuration | steps/s, median of {args.rounds} | every round | vs Trainer, untuned |\n"
+    reference = next(iter(rates)) if args.baseline_code else trainer_label("untuned")
+    baseline = statistics.median(rates[reference])
+    print(f"\n| configuration | steps/s, median of {args.rounds} | every round | vs {reference} |\n"
           f"|---|---:|---:|---:|")
     for name, values in rates.items():
         rounds = ", ".join(f"{v:.2f}" for v in values)
