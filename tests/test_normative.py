@@ -128,6 +128,16 @@ def test_memorizing_weight_crosses_one_half_at_the_transition_step():
     assert w.shape == (2, 2) and w[1, 0] > w[0, 0] and w[0, 1] < w[0, 0]
 
 
+def test_transition_step_beyond_float64_is_inf_and_below_it_exact():
+    """alpha near 1 puts N* = (ln 2 (K_M^b - K_G^b) / (gamma (L_G - L_M)))^(1/(1-alpha)) beyond float64: inf, not an
+    OverflowError that stops the analysis (a fit can end there); below that the log-space value is the power's."""
+    args = (5e4, 1056.0, 0.4, 0.9)
+    assert transition_step(*args, alpha=0.9999, beta=0.3, gamma=0.5) == math.inf
+    base = math.log(2) * (5e4**0.3 - 1056.0**0.3) / (0.5 * 0.5)
+    for alpha in (0.1, 0.7, 0.95):
+        assert transition_step(*args, alpha=alpha, beta=0.3, gamma=0.5) == pytest.approx(base ** (1 / (1 - alpha)), rel=1e-12)
+
+
 def test_transition_step_is_nan_when_undefined():
     args = {"alpha": 0.7, "beta": 0.3, "gamma": 0.5}
     assert math.isnan(transition_step(1000.0, 1056.0, 0.4, 0.9, **args))  # K_M < K_G
