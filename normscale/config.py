@@ -264,6 +264,7 @@ class Config:
     seed: int = 0
     overwrite: bool = False
     cache_dir: str = "./cache"
+    pack: int = 1  # runs of one shape trained together as one stacked model (normscale.pack); 1: solo
     task_kwargs: TaskConfig = field(default_factory=TaskConfig)
     data_kwargs: DataConfig = field(default_factory=DataConfig)
     model_kwargs: ModelConfig = field(default_factory=ModelConfig)
@@ -286,6 +287,7 @@ class Config:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r} must be a non-empty name without '/'")
         _at_least("seed", self.seed, 0)
+        _at_least("pack", self.pack, 1, " (runs per pack; 1 trains each run alone)")
         for key in SECTIONS:
             getattr(self, key).check(key)
         total = self.eval_kwargs.batch_size * self.eval_kwargs.num_eval_batches
@@ -315,6 +317,17 @@ def checkpoint_schedule(schedule: str, max_steps: int, num_checkpoints: int = 10
     else:
         steps = [math.floor(s0 + i * (T - s0) / (n - 1)) for i in range(n)]
     return sorted(set(steps + [T]))
+
+
+def flat_config(config: Config) -> dict:
+    """{dotted key: value} of every leaf of a config ("training_kwargs.save_steps.schedule": ...)."""
+    def flatten(tree: dict, prefix: str) -> dict:
+        flat = {}
+        for key, value in tree.items():
+            flat |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        return flat
+
+    return flatten(dataclasses.asdict(config), "")
 
 
 def schema_keys(schema: type = Config, prefix: str = "") -> list[str]:

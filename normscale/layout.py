@@ -36,7 +36,7 @@ import json
 import re
 from pathlib import Path
 
-from normscale.config import Config, FaultError
+from normscale.config import Config, FaultError, flat_config
 from normscale.fileio import atomic_path, write_json
 
 # Sections and keys that define what is trained; a whole section is named by itself.
@@ -77,8 +77,7 @@ BAYES_PREFIX, LLM_PREFIX = "bayes-", "llm-"  # runs/<prefix><kind or model>/<dat
 
 def identity(config: Config) -> dict:
     """{dotted key: value} of the keys that define what a run trains (nested sections flattened)."""
-    flat = _flatten(dataclasses.asdict(config))
-    return {k: v for k, v in sorted(flat.items()) if is_identity_key(k)}
+    return {k: v for k, v in sorted(flat_config(config).items()) if is_identity_key(k)}
 
 
 def is_identity_key(key: str) -> bool:
@@ -113,16 +112,6 @@ def max_steps_change(saved: Config, wanted: Config, done: int) -> str | None:
     if new < done:
         return f"training_kwargs.max_steps {old} -> {new}: the run has already trained {done} steps"
     return None
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def read_failure(run_dir: Path) -> dict | None:

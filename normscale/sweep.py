@@ -37,6 +37,7 @@ from pathlib import Path
 from normscale.cli import check_overrides, compose, fail, grid, load_env, to_config
 from normscale.config import Config, NormscaleError
 from normscale.fileio import write_json
+from normscale.pack.forming import form_packs, shape_key, why_apart
 from normscale.layout import (CONFIG_FILE, FAILED_FILE, experiment_dir, identity_diff, latest_sweep_manifest,
                               max_steps_change, read_config, read_failure, resume_step, run_directory, sweep_log,
                               sweep_logs_dir, sweep_manifest)
@@ -186,6 +187,11 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
               f"{FIX}")
     if not todo:
         return None
+    if points[0].config.pack > 1:
+        show_packs([points[i] for i in todo], todo, points[0].config.pack)
+        if submit:
+            raise NormscaleError("pack>1: submitting packs as array tasks is not built yet (issue 13); submit the "
+                                 "sweep without pack= (each point its own task)")
     res = resources()
     throttle = int(res["throttle"]) if throttle is None else throttle
     experiment = experiment_dir(points[0].config)
@@ -212,6 +218,21 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
     write_json(manifest, record)
     print(f"normscale: manifest {manifest}")
     return manifest
+
+
+def show_packs(points: list[Point], indices: list[int], size: int) -> None:
+    """The packs the unfinished points form (pack=size), and why points of different shapes train apart."""
+    configs = [p.config for p in points]
+    packs = form_packs(configs, size)
+    for j, members in enumerate(packs):
+        print(f"pack {j:3d}  points {', '.join(str(indices[m]) for m in members)}")
+    first_of_shape: dict[tuple, int] = {}
+    for m, config in enumerate(configs):
+        first_of_shape.setdefault(shape_key(config), m)
+    for m in list(first_of_shape.values())[1:11]:
+        print(f"normscale: point {indices[m]} cannot share a pack with point {indices[0]}: "
+              f"{'; '.join(why_apart(configs[m], configs[0]))}")
+    print(f"normscale: {len(points)} point(s) to run form {len(packs)} pack(s) of at most {size}")
 
 
 def point(manifest: Path, index: int) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from normscale.checkpoints import append_jsonl, remove_temporaries, truncate_metrics
-from normscale.config import Config, InterruptedRunError, RunFailedError, RunHeldError, RunRefusedError
+from normscale.config import Config, ConfigError, InterruptedRunError, RunFailedError, RunHeldError, RunRefusedError
 from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
 from normscale.data.seeds import stream_seed
 from normscale.data.store import check_budget, rank_rows, to_torch
@@ -206,6 +206,10 @@ def fail_run(run_dir: Path, step: int, last_finite: int, reason: str) -> None:
 
 def train(config: Config, overrides: list[str]) -> Path:
     """config -> data -> model -> wrap -> loop, for the run directory the overrides name."""
+    if config.pack > 1:
+        raise ConfigError(f"pack={config.pack}: training runs as packs is not built yet (issue 13; "
+                          "`python -m normscale.sweep plan <sweep> pack=N` shows the packs a sweep would form); "
+                          "train with pack=1")
     preemption = Preemption()  # first: a signal during start-up stops the run at its first step boundary
     keep_freed_memory()
     accelerator = make_accelerator(config)

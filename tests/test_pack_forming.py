@@ -1,0 +1,93 @@
+"""Which runs can share a pack (normscale/pack/forming.py), the packs a sweep forms, and `pack` as an execution key
+that names no run."""
+import dataclasses
+
+import pytest
+
+from conftest import compose_config, run_module
+from normscale.config import ConfigError
+from normscale.layout import identity_hash, run_name
+from normscale.pack.forming import SHAPE_KEYS, form_packs, shape_key, why_apart
+from normscale.sweep import resolve, show_packs
+
+
+def replace(config, dotted: str, value):
+    """`config` with one dotted key changed."""
+    section, _, key = dotted.rpartition(".")
+    if not section:
+        return dataclasses.replace(config, **{key: value})
+    head, _, rest = section.partition(".")
+    inner = getattr(config, head)
+    if rest:
+        inner = dataclasses.replace(inner, **{rest: dataclasses.replace(getattr(inner, rest), **{key: value})})
+        return dataclasses.replace(config, **{head: inner})
+    return dataclasses.replace(config, **{head: dataclasses.replace(inner, **{key: value})})
+
+
+SAME_SHAPE = {"task_kwargs.num_tasks": 1024, "task_kwargs.prior": "power_law", "seed": 7,
+              "training_kwargs.learning_rate": 1e-3, "training_kwargs.warmup_steps": 10,
+              "training_kwargs.max_steps": 500, "training_kwargs.max_grad_norm": 0.5,
+              "training_kwargs.lr_schedule": "cosine", "training_kwargs.save_steps.schedule": "end_only",
+              "task_kwargs.dirichlet_alpha": 0.5}
+OTHER_SHAPE = {"setting": "linear_regression", "model": "mlp", "task_kwargs.num_dims": 16,
+               "task_kwargs.context_length": 64, "model_kwargs.hidden_size": 128, "model_kwargs.num_layers": 2,
+               "model_kwargs.num_heads": 2, "model_kwargs.mlp_expansion_factor": 2.0,
+               "model_kwargs.parametrization": "mup", "model_kwargs.base_width": 64,
+               "training_kwargs.batch_size": 32, "training_kwargs.gradient_accumulation_steps": 2,
+               "training_kwargs.precision": "bf16", "training_kwargs.compile": True, "data_kwargs.source": "generate"}
+
+
+def test_every_shape_key_is_covered_by_the_cases():
+    assert set(OTHER_SHAPE) == set(SHAPE_KEYS)
+
+
+@pytest.mark.parametrize("key", sorted(SAME_SHAPE))
+def test_runs_differing_in_their_tasks_or_optimiser_numbers_share_a_shape(key):
+    base = compose_config()
+    assert shape_key(replace(base, key, SAME_SHAPE[key])) == shape_key(base)
+
+
+@pytest.mark.parametrize("key", sorted(OTHER_SHAPE))
+def test_runs_differing_in_a_shape_key_train_apart_and_say_why(key):
+    base = compose_config()
+    other = replace(base, key, OTHER_SHAPE[key])
+    assert shape_key(other) != shape_key(base)
+    assert why_apart(other, base) == [f"{key} {OTHER_SHAPE[key]!r} != {shape_key(base)[list(SHAPE_KEYS).index(key)]!r} "
+                                      f"({SHAPE_KEYS[key]})"]
+
+
+def test_packs_group_each_shape_in_sweep_order_and_cut_at_the_size():
+    base = compose_config()
+    wide = replace(base, "model_kwargs.hidden_size", 128)
+    configs = [base, wide, base, base, wide, base, base]
+    assert form_packs(configs, 2) == [[0, 2], [3, 5], [6], [1, 4]]
+    assert form_packs(configs, 1) == [[i] for i in (0, 2, 3, 5, 6, 1, 4)]
+    with pytest.raises(ValueError, match="pack=0"):
+        form_packs(configs, 0)
+
+
+def test_pack_names_no_run_and_is_no_identity():
+    overrides = ["task_kwargs.num_tasks=8", "seed=1"]
+    assert run_name([*overrides, "pack=16"], 1) == run_name(overrides, 1)
+    assert identity_hash(compose_config(*overrides, "pack=16")) == identity_hash(compose_config(*overrides))
+    with pytest.raises(ConfigError, match="pack=0 must be >= 1"):
+        compose_config("pack=0")
+
+
+def test_the_planner_shows_the_packs_and_why_points_train_apart(tmp_path, capsys):
+    grid = [[f"cache_dir={tmp_path}", f"task_kwargs.num_tasks={D}", f"model_kwargs.hidden_size={H}", "pack=2"]
+            for H in (32, 64) for D in (2, 4, 8)]
+    points = [resolve(point) for point in grid]
+    show_packs(points, list(range(len(points))), 2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[:4] == ["pack   0  points 0, 1", "pack   1  points 2", "pack   2  points 3, 4", "pack   3  points 5"]
+    assert out[4] == ("normscale: point 3 cannot share a pack with point 0: model_kwargs.hidden_size 64 != 32 "
+                      "(width)")
+    assert out[5] == "normscale: 6 point(s) to run form 4 pack(s) of at most 2"
+
+
+def test_training_a_pack_is_refused_before_any_work_until_it_exists(tmp_path):
+    result = run_module("normscale.train", f"cache_dir={tmp_path}", "pack=2", "training_kwargs.max_steps=50")
+    assert result.returncode == 2
+    assert "pack=2: training runs as packs is not built yet" in result.stderr
+    assert not (tmp_path / "experiments").exists()
