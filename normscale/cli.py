@@ -304,11 +304,14 @@ def load_env() -> None:
 SKIPPABLE = (RunFailedError, RunRefusedError, RunHeldError)
 
 
-def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
+def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
+               packed: Callable[[list[tuple[Config, list[str]]]], list] | None = None) -> None:
     """Run `entry(config)` under Hydra (single run or `-m` sweep), or `entry(config, overrides)` with the job's
     command-line overrides (they name run directories). A NormscaleError exits with its code and one line; in a
     `-m` sweep a point that is held elsewhere, refused or failed is skipped with its line, and the sweep ends with
-    that code (3, 2, then 75) and the list of skipped points."""
+    that code (3, 2, then 75) and the list of skipped points. With `packed` and pack=N > 1, a `-m` sweep's points are
+    collected and then trained N at a time by `packed(jobs)` (normscale.pack.forming groups them by shape), which
+    returns the errors of the runs it left out or that failed."""
     import hydra
 
     load_env()
@@ -317,6 +320,7 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
     except ConfigError as error:
         fail(str(error))
     skipped: list[tuple[int, str]] = []
+    pending: list[tuple[Config, list[str]]] = []  # a packed sweep's points, trained once Hydra has listed them all
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _main(cfg) -> Any:
@@ -327,6 +331,13 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
         try:
             config = to_config(cfg)
             print(f"normscale: CACHE_DIR={config.cache_dir}", flush=True)
+            if packed is not None and config.pack > 1 and hydra_config.mode == RunMode.MULTIRUN:
+                if "BasicLauncher" not in hydra_config.launcher._target_:
+                    raise ConfigError(f"pack={config.pack} with hydra/launcher={hydra_config.runtime.choices.get('hydra/launcher')}"
+                                      ": packs are formed in one process (the default launcher) for now; drop pack= "
+                                      "or the launcher")
+                pending.append((config, list(hydra_config.overrides.task)))
+                return None
             if with_overrides:
                 return entry(config, list(hydra_config.overrides.task))
             return entry(config)
@@ -335,24 +346,39 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False) -> None:
                 fail(str(error), error.exit_code)
             print(f"normscale: skipped: {error}", file=sys.stderr, flush=True)
             skipped.append((error.exit_code, " ".join(hydra_config.overrides.task)))
-        except NormscaleError as error:
-            fail(str(error), error.exit_code)
-        except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            fail(f"no space left on the device ({error.filename or 'while writing'}): files are written atomically, "
-                 "so finished ones are kept and nothing is half-written; free space and run the same command again", 1)
-        except KeyboardInterrupt:
-            fail("interrupted (Ctrl-C): finished files are kept and nothing is half-written; the same command goes "
-                 "on from there", 130)
+        except BaseException as error:
+            fail_on(error)
 
     _main()
+    if pending:
+        from normscale.pack.forming import form_packs
+
+        for members in form_packs([config for config, _ in pending], pending[0][0].pack):
+            try:
+                problems = packed([pending[m] for m in members])
+            except BaseException as error:
+                fail_on(error)
+            skipped += [(error.exit_code, " ".join(overrides)) for error, overrides in problems]
     if skipped:
         why = {RunFailedError.exit_code: "failed", RunRefusedError.exit_code: "refused", RunHeldError.exit_code: "held"}
         code = next(c for c in (RunFailedError.exit_code, RunRefusedError.exit_code, RunHeldError.exit_code)
                     if c in {c for c, _ in skipped})
         fail(f"{len(skipped)} sweep point(s) skipped, each named above: "
              + "; ".join(f"{points} ({why[c]})" for c, points in skipped), code)
+
+
+def fail_on(error: BaseException):
+    """An error that ends the command: its one line and exit code (a full disk: 1; Ctrl-C: 130); anything else is a
+    bug, raised with its traceback."""
+    if isinstance(error, NormscaleError):
+        fail(str(error), error.exit_code)
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fail(f"no space left on the device ({error.filename or 'while writing'}): files are written atomically, "
+             "so finished ones are kept and nothing is half-written; free space and run the same command again", 1)
+    if isinstance(error, KeyboardInterrupt):
+        fail("interrupted (Ctrl-C): finished files are kept and nothing is half-written; the same command goes "
+             "on from there", 130)
+    raise error
 
 
 def launch_cpu(num_processes: str, args: list[str]) -> None:

@@ -12,13 +12,15 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from normscale.checkpoints import append_jsonl, remove_temporaries, truncate_metrics
-from normscale.config import Config, ConfigError, InterruptedRunError, RunFailedError, RunHeldError, RunRefusedError
+from normscale.config import Config, InterruptedRunError, NormscaleError, RunFailedError, RunHeldError, RunRefusedError
 from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
 from normscale.data.seeds import stream_seed
 from normscale.data.store import check_budget, rank_rows, to_torch
@@ -59,6 +61,7 @@ class Preemption:
     def __init__(self):
         self.signum: int | None = None
         self.training = False  # before the loop, Ctrl-C interrupts at once (data generation can take minutes)
+        self.handed_over = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     @property
@@ -75,8 +78,10 @@ class Preemption:
         self.signum = signum
 
     def hand_over(self) -> None:
+        """Run the signal's previous handler, once per process (a pack's runs stop together)."""
         previous = self.previous.get(self.signum)
-        if callable(previous) and not self.interrupted:  # Python's own SIGINT handler would raise KeyboardInterrupt
+        if callable(previous) and not self.interrupted and not self.handed_over:  # Python's SIGINT handler would raise
+            self.handed_over = True
             previous(self.signum, None)
 
     def restore(self) -> None:
@@ -205,49 +210,90 @@ def fail_run(run_dir: Path, step: int, last_finite: int, reason: str) -> None:
 
 
 def train(config: Config, overrides: list[str]) -> Path:
-    """config -> data -> model -> wrap -> loop, for the run directory the overrides name."""
-    if config.pack > 1:
-        raise ConfigError(f"pack={config.pack}: training runs as packs is not built yet (issue 13; "
-                          "`python -m normscale.sweep plan <sweep> pack=N` shows the packs a sweep would form); "
-                          "train with pack=1")
+    """One run: config -> data -> model -> wrap -> loop, in the run directory the overrides name."""
     preemption = Preemption()  # first: a signal during start-up stops the run at its first step boundary
     keep_freed_memory()
+    try:
+        with ExitStack() as held:
+            loop = open_run(config, overrides, preemption, held)
+            if loop is not None:
+                preemption.training = True
+                for _, error in run_loops([loop]):
+                    raise error
+                finish(loop, preemption)
+    finally:
+        preemption.restore()
+    return run_directory(config, overrides)
+
+
+def train_pack(jobs: list[tuple[Config, list[str]]]) -> list[tuple[NormscaleError, list[str]]]:
+    """Runs of one shape (normscale.pack.forming) trained in one process, each exactly as `train` trains it alone, in
+    its own run directory: their steps in turn. A run that cannot start (held elsewhere, refused) is left out with
+    one line and one that fails (non-finite) leaves the pack; the others go on. Returns those errors, each with its
+    run's overrides."""
+    preemption = Preemption()
+    keep_freed_memory()
+    problems, loops = [], []
+    try:
+        with ExitStack() as held:
+            for config, overrides in jobs:
+                try:
+                    loop = open_run(config, overrides, preemption, held)
+                except (RunHeldError, RunRefusedError) as error:  # the rest of the pack trains
+                    print(f"normscale: left out of the pack: {error}", file=sys.stderr, flush=True)
+                    problems.append((error, overrides))
+                    continue
+                if loop is not None:
+                    loops.append((loop, overrides))
+            print(f"normscale: training {len(loops)} run(s) as one pack, their steps in turn", flush=True)
+            preemption.training = True
+            failed = dict((id(loop), error) for loop, error in run_loops([loop for loop, _ in loops]))
+            for loop, overrides in loops:
+                if id(loop) in failed:
+                    print(f"normscale: {failed[id(loop)]}", file=sys.stderr, flush=True)
+                    problems.append((failed[id(loop)], overrides))
+                else:
+                    finish(loop, preemption)
+    finally:
+        preemption.restore()
+    return problems
+
+
+def open_run(config: Config, overrides: list[str], preemption: Preemption, held: ExitStack) -> Loop | None:
+    """Everything before the loop for one run: its lock (released by `held`), the checks that refuse it, data, run
+    files, model, wrapping and resume. None when the run is complete."""
     accelerator = make_accelerator(config)
     run_dir = run_directory(config, overrides)
     plan = plan_data(config)
     check_budget(config, plan)  # data problems surface before anything is written
     lock = RunLock(run_dir) if accelerator.is_main_process else None
-    try:
-        note = decided_on_main(accelerator, lambda: lock.acquire())
-        if note:
-            accelerator.print(f"normscale: {note}")
-        done = decided_on_main(accelerator, lambda: inspect_run(config, run_dir))
-        if done == config.training_kwargs.max_steps:  # a finished sweep point: skip before touching data
-            accelerator.print(f"normscale: {run_dir} is complete ({done} steps); overwrite=true trains it again")
-            return run_dir
-        replacing = config.overwrite and (run_dir / CONFIG_FILE).exists()
-        prepared = prepare_data(config, plan, verify=replacing)  # one process generates, the others wait and reuse
-        decided_on_main(accelerator, lambda: prepare_run_files(config, run_dir, overrides, replacing))
-        accelerator.print(f"normscale: run {run_dir} on {accelerator.num_processes} process(es), "
-                          f"{accelerator.distributed_type}, device {accelerator.device}")
+    if lock is not None:
+        held.callback(lock.release)
+    note = decided_on_main(accelerator, lambda: lock.acquire())
+    if note:
+        accelerator.print(f"normscale: {note}")
+    done = decided_on_main(accelerator, lambda: inspect_run(config, run_dir))
+    if done == config.training_kwargs.max_steps:  # a finished sweep point: skip before touching data
+        accelerator.print(f"normscale: {run_dir} is complete ({done} steps); overwrite=true trains it again")
+        return None
+    replacing = config.overwrite and (run_dir / CONFIG_FILE).exists()
+    prepared = prepare_data(config, plan, verify=replacing)  # one process generates, the others wait and reuse
+    decided_on_main(accelerator, lambda: prepare_run_files(config, run_dir, overrides, replacing))
+    accelerator.print(f"normscale: run {run_dir} on {accelerator.num_processes} process(es), "
+                      f"{accelerator.distributed_type}, device {accelerator.device}")
 
-        setting = get_setting(config.setting, config.task_kwargs)
-        batches = open_train_batches(config, prepared, accelerator.process_index, accelerator.num_processes,
-                                     accelerator.device)
-        splits = {s: to_torch(a, setting, accelerator.device) for s, a in load_eval_splits(plan.directory).items()}
-        torch.manual_seed(stream_seed(config.seed, "init"))
-        model = build_model(config)
-        model, optimizer, scheduler = wrap(model, config.training_kwargs, accelerator)
-        loop = Loop(config, setting, run_dir, accelerator, model, optimizer, scheduler, lock)
-        loop.resume()
-        run_loop(loop, batches, hooks=[LogTraining(), Evaluate(splits), WandbLog(), ProgressBar(),
-                                        SaveState(preemption, set(config.checkpoint_steps))])
-        finish(loop, preemption)
-    finally:
-        if lock is not None:
-            lock.release()
-        preemption.restore()
-    return run_dir
+    setting = get_setting(config.setting, config.task_kwargs)
+    batches = open_train_batches(config, prepared, accelerator.process_index, accelerator.num_processes,
+                                 accelerator.device)
+    splits = {s: to_torch(a, setting, accelerator.device) for s, a in load_eval_splits(plan.directory).items()}
+    torch.manual_seed(stream_seed(config.seed, "init"))
+    model = build_model(config)
+    model, optimizer, scheduler = wrap(model, config.training_kwargs, accelerator)
+    hooks = [LogTraining(), Evaluate(splits), WandbLog(), ProgressBar(),
+             SaveState(preemption, set(config.checkpoint_steps))]
+    loop = Loop(config, setting, run_dir, accelerator, model, optimizer, scheduler, lock, batches, hooks)
+    loop.resume()
+    return loop
 
 
 def wrap(model, training, accelerator):
@@ -282,22 +328,32 @@ def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> list[tuple[torch.T
     return chunks
 
 
-def run_loop(loop: Loop, batches, hooks: list[Hook]) -> None:
-    """Train from loop.step to max_steps; after each step every hook runs in order (one may stop the loop)."""
+def run_loops(loops: list[Loop]) -> list[tuple[Loop, RunFailedError]]:
+    """Step every loop in turn until each is done (max_steps, or stopped by preemption); after each step its hooks
+    run in order. A run whose training turns non-finite leaves with its error (returned); the others go on."""
+    active, failed = list(loops), []
     try:
-        for step in range(loop.step, loop.config.training_kwargs.max_steps):
-            loop.chunks = train_step(loop, batches.batch(step))
-            loop.step, loop.logged = step + 1, {}
-            for hook in hooks:
-                hook.after_step(loop)
-            if loop.stopping:
-                break
+        while active:
+            for loop in list(active):
+                try:
+                    loop.advance()
+                except RunFailedError as error:  # recorded in its run directory already
+                    failed.append((loop, error))
+                    active.remove(loop)
+                    continue
+                if loop.done:
+                    active.remove(loop)
     finally:  # closed before any error line is printed
-        for hook in hooks:
-            hook.close(loop)
+        for loop in loops:
+            loop.close()
+    return failed
 
 
 def finish(loop: Loop, preemption: Preemption) -> None:
+    """After the loop: a stopped run hands the signal on (submitit's requeue, once per process), the replica check,
+    Ctrl-C's exit, the final line."""
+    if loop.stopping:
+        preemption.hand_over()
     check_replicas_identical(loop.accelerator, loop.model)
     done, max_steps = loop.step, loop.config.training_kwargs.max_steps
     if preemption.interrupted and done < max_steps:
@@ -312,9 +368,10 @@ class Loop:
     """What the step and the hooks share: the run's objects and where training stands."""
 
     def __init__(self, config: Config, setting, run_dir: Path, accelerator, model, optimizer, scheduler,
-                 lock: RunLock | None):
+                 lock: RunLock | None, batches, hooks: list[Hook]):
         self.config, self.setting, self.run_dir, self.accelerator = config, setting, run_dir, accelerator
         self.model, self.optimizer, self.scheduler, self.lock = model, optimizer, scheduler, lock
+        self.batches, self.hooks, self.closed = batches, hooks, False
         self.metrics = TrainingMetrics(config.task_kwargs.num_tasks, accelerator.device)
         self.identity = {"identity_hash": identity_hash(config), "provenance": provenance()}
         self.step = self.last_finite = 0
@@ -323,6 +380,23 @@ class Loop:
         self.logged: dict[str, dict] = {}  # what this step logged, by kind ("train", "eval"), for the sinks
         self.results: dict | None = None  # the last evaluation
         self.stopping = False
+
+    def advance(self) -> None:
+        """One training step, then every hook."""
+        self.chunks = train_step(self, self.batches.batch(self.step))
+        self.step, self.logged = self.step + 1, {}
+        for hook in self.hooks:
+            hook.after_step(self)
+
+    @property
+    def done(self) -> bool:
+        return self.stopping or self.step >= self.config.training_kwargs.max_steps
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for hook in self.hooks:
+                hook.close(self)
 
     @property
     def is_main(self) -> bool:
@@ -474,7 +548,6 @@ class SaveState(Hook):
 
     def __init__(self, preemption: Preemption, checkpoint_steps: set[int]):
         self.preemption, self.checkpoint_steps = preemption, checkpoint_steps
-        preemption.training = True
 
     def after_step(self, loop):
         training = loop.config.training_kwargs
@@ -489,8 +562,7 @@ class SaveState(Hook):
             loop.save_checkpoint()
         save_resume(loop.accelerator, loop.run_dir, loop.step, loop.metrics.state, loop.identity)
         if loop.stopping:
-            loop.accelerator.print(f"normscale: preempted; resume state saved at step {loop.step}")
-            self.preemption.hand_over()
+            loop.accelerator.print(f"normscale: preempted; resume state saved at step {loop.step} ({loop.run_dir.name})")
 
 
 def preemption_agreed(preemption: Preemption, accelerator, step: int, every: int) -> bool:
@@ -507,7 +579,7 @@ def preemption_agreed(preemption: Preemption, accelerator, step: int, every: int
 def main() -> None:
     from normscale.cli import hydra_main
 
-    hydra_main(train, with_overrides=True)
+    hydra_main(train, with_overrides=True, packed=train_pack)
     finish_process()
 
 

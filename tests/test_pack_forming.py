@@ -1,12 +1,13 @@
 """Which runs can share a pack (normscale/pack/forming.py), the packs a sweep forms, and `pack` as an execution key
 that names no run."""
 import dataclasses
+import json
 
 import pytest
 
 from conftest import compose_config, run_module
 from normscale.config import ConfigError
-from normscale.layout import identity_hash, run_name
+from normscale.layout import identity_hash, read_config, read_overrides, run_name
 from normscale.pack.forming import SHAPE_KEYS, form_packs, shape_key, why_apart
 from normscale.sweep import resolve, show_packs
 
@@ -86,8 +87,59 @@ def test_the_planner_shows_the_packs_and_why_points_train_apart(tmp_path, capsys
     assert out[5] == "normscale: 6 point(s) to run form 4 pack(s) of at most 2"
 
 
-def test_training_a_pack_is_refused_before_any_work_until_it_exists(tmp_path):
-    result = run_module("normscale.train", f"cache_dir={tmp_path}", "pack=2", "training_kwargs.max_steps=50")
+SWEEP = ["-m", "name=packed", "task_kwargs.num_dims=4", "task_kwargs.context_length=12", "task_kwargs.num_ood_tasks=8",
+         "model_kwargs.hidden_size=16", "training_kwargs.batch_size=8", "training_kwargs.warmup_steps=2",
+         "training_kwargs.save_steps.schedule=linear_schedule", "training_kwargs.save_steps.num_checkpoints=2",
+         "training_kwargs.save_steps.first_step=4", "training_kwargs.log_every=4", "training_kwargs.eval_every=8",
+         "data_kwargs.eval_size=32", "eval_kwargs.batch_size=16", "eval_kwargs.num_eval_batches=2", "logging.wandb=false",
+         "task_kwargs.num_tasks=2,4,8", "training_kwargs.learning_rate=0.001,0.003", "training_kwargs.max_steps=8"]
+
+
+def sweep(cache, *extra: str):
+    return run_module("normscale.train", *SWEEP, *extra, env={"CACHE_DIR": str(cache)})
+
+
+def run_files(cache) -> dict[str, bytes]:
+    """Every file of the experiment's runs that training writes deterministically. Left out: the lock, records holding
+    times or hashes of those (meta.json, state.json, train_metrics.jsonl, compared apart), and the global RNG state a
+    resume state records (random_states_*.pkl): a pack's runs share one process's generators, from which training
+    draws nothing (batches come from counter-based streams, the models have no dropout); the config and overrides
+    records, which hold cache_dir and pack= (compared apart)."""
+    files, runs = {}, cache / "experiments" / "balls_and_urns" / "packed" / "runs"
+    for path in sorted(runs.rglob("*")):
+        if path.is_file() and path.name not in ("lock.json", "meta.json", "train_metrics.jsonl", "state.json",
+                                                "config_resolved.yaml", "overrides.json") \
+                and not path.name.startswith("random_states_"):
+            files[str(path.relative_to(runs))] = path.read_bytes()
+    return files
+
+
+def test_a_packed_sweep_writes_what_the_solo_sweep_writes(tmp_path):
+    """pack=4 over 6 points: packs of 4 and 2 runs, their steps in turn in one process; every run directory holds the
+    very files (checkpoints, resume states, eval records) the solo sweep writes, and the same objectives."""
+    solo, packed = sweep(tmp_path / "solo"), sweep(tmp_path / "packed", "pack=4")
+    assert solo.returncode == 0 and packed.returncode == 0, packed.stderr[-3000:]
+    assert packed.stdout.count("as one pack") == 2
+    assert "training 4 run(s) as one pack" in packed.stdout and "training 2 run(s) as one pack" in packed.stdout
+    a, b = run_files(tmp_path / "solo"), run_files(tmp_path / "packed")
+    assert len(a) > 6 * 8 and a == b
+    for run in (tmp_path / "solo" / "experiments" / "balls_and_urns" / "packed" / "runs").iterdir():
+        twin = tmp_path / "packed" / run.relative_to(tmp_path / "solo")
+        assert identity_hash(read_config(twin)) == identity_hash(read_config(run))
+        assert read_overrides(twin) == [*read_overrides(run), "pack=4"]
+        strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "seconds_per_step"}  # noqa: E731
+                              for line in text.splitlines()]
+        assert strip((run / "train_metrics.jsonl").read_text()) == strip((twin / "train_metrics.jsonl").read_text())
+
+
+def test_a_run_that_cannot_train_is_left_out_of_its_pack_and_the_rest_train(tmp_path):
+    first = sweep(tmp_path, "task_kwargs.num_tasks=2", "training_kwargs.learning_rate=0.001")
+    assert first.returncode == 0, first.stderr[-2000:]
+    failed = next((tmp_path / "experiments" / "balls_and_urns" / "packed" / "runs").iterdir())
+    (failed / "failed.json").write_text(json.dumps({"step": 3, "last_finite_step": 0, "reason": "a test"}))
+    result = sweep(tmp_path, "pack=3")
     assert result.returncode == 2
-    assert "pack=2: training runs as packs is not built yet" in result.stderr
-    assert not (tmp_path / "experiments").exists()
+    assert "left out of the pack" in result.stderr and "failed at step 3 (a test)" in result.stderr
+    assert "1 sweep point(s) skipped" in result.stderr
+    runs = list((tmp_path / "experiments" / "balls_and_urns" / "packed" / "runs").iterdir())
+    assert len(runs) == 6 and all((run / "checkpoint-8").exists() for run in runs if run != failed)
