@@ -6,6 +6,7 @@ import pytest
 
 FORBIDDEN = {
     "normscale.config": ["torch", "numpy", "hydra", "omegaconf", "normscale.data", "normscale.model"],
+    "normscale.pack.forming": ["torch", "numpy", "hydra", "normscale.data", "normscale.model", "normscale.pack.stacked"],
     "normscale.registry": ["torch", "numpy", "hydra", "omegaconf", "normscale.settings", "normscale.data", "normscale.model"],
     "normscale.settings": ["torch", "numpy", "hydra", "omegaconf", "normscale.data", "normscale.model"],
     **{f"normscale.settings.{name}": ["hydra", "omegaconf", "accelerate", "transformers", "normscale.data", "normscale.model",
