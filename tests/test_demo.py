@@ -14,6 +14,7 @@ def test_make_demo_runs_the_pipeline_and_small_d_memorises_while_large_d_general
     result = subprocess.run(["make", "--no-print-directory", "demo"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "training 3 run(s) as one pack" in result.stdout  # the sweep trains as one pack (conf/experiment/demo.yaml)
     out = tmp_path / "experiments" / "balls_and_urns" / "demo" / "analysis"
     assert f"figures and summary.json in {out}" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
