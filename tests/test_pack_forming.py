@@ -2,10 +2,15 @@
 that names no run."""
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import compose_config, run_module
+from conftest import ROOT, compose_config, run_module
 from normscale.config import ConfigError
 from normscale.layout import identity_hash, read_config, read_overrides, run_name
 from normscale.pack.forming import SHAPE_KEYS, form_packs, shape_key, why_apart
@@ -100,17 +105,18 @@ def sweep(cache, *extra: str):
 
 
 def run_files(cache) -> dict[str, bytes]:
-    """Every file of the experiment's runs that training writes deterministically. Left out: the lock, records holding
-    times or hashes of those (meta.json, state.json, train_metrics.jsonl, compared apart), and the global RNG state a
+    """What each run of the experiment ends with: checkpoints, metrics records and the latest resume state (a
+    preempted run also keeps the state it stopped at, as the previous one). Left out: records holding times or hashes
+    of those (meta.json, state.json, train_metrics.jsonl, compared apart), and the global RNG state a
     resume state records (random_states_*.pkl): a pack's runs share one process's generators, from which training
-    draws nothing (batches come from counter-based streams, the models have no dropout); the config and overrides
-    records, which hold cache_dir and pack= (compared apart)."""
+    draws nothing (batches come from counter-based streams, the models have no dropout). The config and overrides
+    records hold cache_dir and pack= and are compared apart."""
     files, runs = {}, cache / "experiments" / "balls_and_urns" / "packed" / "runs"
-    for path in sorted(runs.rglob("*")):
-        if path.is_file() and path.name not in ("lock.json", "meta.json", "train_metrics.jsonl", "state.json",
-                                                "config_resolved.yaml", "overrides.json") \
-                and not path.name.startswith("random_states_"):
-            files[str(path.relative_to(runs))] = path.read_bytes()
+    for run in sorted(runs.iterdir()):
+        for path in sorted([*run.glob("checkpoint-*/*"), *run.glob("*.jsonl"), *(run / "resume").iterdir()]):
+            if path.name not in ("meta.json", "train_metrics.jsonl", "state.json") \
+                    and not path.name.startswith("random_states_"):
+                files[str(path.relative_to(runs))] = path.read_bytes()
     return files
 
 
@@ -122,7 +128,7 @@ def test_a_packed_sweep_writes_what_the_solo_sweep_writes(tmp_path):
     assert packed.stdout.count("as one pack") == 2
     assert "training 4 run(s) as one pack" in packed.stdout and "training 2 run(s) as one pack" in packed.stdout
     a, b = run_files(tmp_path / "solo"), run_files(tmp_path / "packed")
-    assert len(a) > 6 * 8 and a == b
+    assert len(a) == 6 * 8 and a == b  # 3 checkpoints, eval records and 4 resume files per run
     for run in (tmp_path / "solo" / "experiments" / "balls_and_urns" / "packed" / "runs").iterdir():
         twin = tmp_path / "packed" / run.relative_to(tmp_path / "solo")
         assert identity_hash(read_config(twin)) == identity_hash(read_config(run))
@@ -143,3 +149,41 @@ def test_a_run_that_cannot_train_is_left_out_of_its_pack_and_the_rest_train(tmp_
     assert "1 sweep point(s) skipped" in result.stderr
     runs = list((tmp_path / "experiments" / "balls_and_urns" / "packed" / "runs").iterdir())
     assert len(runs) == 6 and all((run / "checkpoint-8").exists() for run in runs if run != failed)
+
+
+LONGER = ["training_kwargs.max_steps=48", "training_kwargs.learning_rate=0.001"]
+
+
+@pytest.fixture(scope="module")
+def solo_longer(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("solo")
+    result = sweep(cache, *LONGER)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return cache
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGUSR1])
+def test_a_pack_stopped_mid_way_then_run_again_ends_as_the_solo_runs(solo_longer, tmp_path, stop):
+    """SIGKILL (anywhere, also inside a save) or SIGUSR1 (every run saves its resume state, exit 0) once the pack's
+    first resume state exists, then the same command: every run ends with the very files of its solo run."""
+    env = {**os.environ, "CACHE_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "normscale.train", *SWEEP, *LONGER, "pack=3"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("experiments/*/packed/runs/*/resume/state.json")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(stop)
+    out, err = proc.communicate(timeout=300)
+    if stop == signal.SIGUSR1:
+        assert proc.returncode == 0, err[-2000:]
+        assert out.count("preempted; resume state saved at step") == 3  # every run of the first pack
+    again = sweep(tmp_path, *LONGER, "pack=3")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed at step" in again.stdout
+    assert run_files(tmp_path) == run_files(solo_longer)
+    for run in (solo_longer / "experiments" / "balls_and_urns" / "packed" / "runs").iterdir():
+        twin = tmp_path / run.relative_to(solo_longer)
+        strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "seconds_per_step"}  # noqa: E731
+                              for line in text.splitlines()]
+        assert strip((run / "train_metrics.jsonl").read_text()) == strip((twin / "train_metrics.jsonl").read_text())
