@@ -305,6 +305,19 @@ class Config:
         return checkpoint_schedule(s.schedule, self.training_kwargs.max_steps, s.num_checkpoints, s.first_step)
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The learning-rate multiplier at `step` (LambdaLR's factor): linear warmup over `warmup` steps, then constant,
+    linear decay to 0, or cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def checkpoint_schedule(schedule: str, max_steps: int, num_checkpoints: int = 100, first_step: int = 20) -> list[int]:
     """Checkpoint steps (SPEC E): sqrt and linear spacing from first_step to max_steps, or the end only."""
     _choice("training_kwargs.save_steps.schedule", schedule, SCHEDULES)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import shutil
 import signal
@@ -20,7 +19,8 @@ from pathlib import Path
 import torch
 
 from normscale.checkpoints import append_jsonl, remove_temporaries, truncate_metrics
-from normscale.config import Config, InterruptedRunError, NormscaleError, RunFailedError, RunHeldError, RunRefusedError
+from normscale.config import (Config, InterruptedRunError, NormscaleError, RunFailedError, RunHeldError, RunRefusedError,
+                              lr_factor)
 from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
 from normscale.data.seeds import stream_seed
 from normscale.data.store import check_budget, rank_rows, to_torch
@@ -36,18 +36,6 @@ from normscale.model.mup import optimizer_groups
 from normscale.provenance import provenance
 from normscale.runlock import RunLock
 from normscale.settings import get as get_setting
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup over `warmup` steps, then constant, linear decay to 0, or cosine decay to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class Preemption:

@@ -20,7 +20,7 @@ from normscale.data.seeds import stream_seed
 from normscale.model import build_model, optimizer_groups
 from normscale.pack.stacked import SequentialRuns, StackedRuns, stack_batches
 from normscale.pack import stacked as stacked_module
-from normscale.train import lr_factor
+from normscale.config import lr_factor
 
 STEPS = 50
 WEIGHT_TOLERANCE = 1e-5

@@ -1,7 +1,7 @@
 """Packs (DESIGN, "Packs"): N runs of one shape trained as one model whose parameters carry a leading run axis.
 
 Each run keeps what its solo run has: its own initialisation (the caller builds its solo model under its init seed),
-its own batches, learning-rate schedule (train.lr_factor with muP's per-parameter scales), clipping by its own
+its own batches, learning-rate schedule (config.lr_factor with muP's per-parameter scales), clipping by its own
 gradient norm, and its own AdamW state. Two executions share one interface (`step(batches) -> PackStep`):
 
   StackedRuns     one forward and backward for all runs: torch.func.functional_call over a meta-device template
@@ -23,14 +23,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from normscale.config import TrainingConfig
+from normscale.config import TrainingConfig, lr_factor
 from normscale.model.mup import optimizer_groups
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """normscale.train.lr_factor (imported lazily: train.py pulls in the whole training stack)."""
-    from normscale.train import lr_factor as factor
-    return factor(step, warmup, total, schedule)
 
 
 @dataclass
@@ -121,7 +115,7 @@ def clip_grad_norms_per_run(grads: dict[str, torch.Tensor], max_norms: torch.Ten
 class StackedAdamW:
     """torch.optim.AdamW (amsgrad off, maximize off; the per-tensor CPU implementation's order of operations) for each
     run on its slice of stacked parameters, with per-run hyperparameters and muP's per-parameter lr / wd scales.
-    The schedule is train.lr_factor of each run's own step count, applied as LambdaLR does."""
+    The schedule is config.lr_factor of each run's own step count, applied as LambdaLR does."""
 
     def __init__(self, params: dict[str, torch.Tensor], lr_scales: dict[str, tuple[float, float]],
                  trainings: Sequence[TrainingConfig]):
