@@ -192,6 +192,9 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
         if submit:
             raise NormscaleError("pack>1: submitting packs as array tasks is not built yet (issue 13); submit the "
                                  "sweep without pack= (each point its own task)")
+        print("normscale: packs train in one process with `python -m normscale.train -m <the same overrides>`; as "
+              "SLURM array tasks they are not built yet (issue 13)")
+        return None
     res = resources()
     throttle = int(res["throttle"]) if throttle is None else throttle
     experiment = experiment_dir(points[0].config)

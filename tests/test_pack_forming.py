@@ -187,3 +187,13 @@ def test_a_pack_stopped_mid_way_then_run_again_ends_as_the_solo_runs(solo_longer
         strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "seconds_per_step"}  # noqa: E731
                               for line in text.splitlines()]
         assert strip((run / "train_metrics.jsonl").read_text()) == strip((twin / "train_metrics.jsonl").read_text())
+
+
+def test_the_planner_prints_packs_and_refuses_to_submit_them_until_array_packs_exist(tmp_path):
+    args = ["task_kwargs.num_tasks=2,4,8", "pack=2"]
+    shown = run_module("normscale.sweep", "plan", *args, env={"CACHE_DIR": str(tmp_path)})
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "pack   0  points 0, 1\npack   1  points 2\n" in shown.stdout and "would submit" not in shown.stdout
+    submitted = run_module("normscale.sweep", "plan", "--submit", *args, env={"CACHE_DIR": str(tmp_path)})
+    assert submitted.returncode == 2 and "submitting packs as array tasks is not built yet" in submitted.stderr
+    assert not (tmp_path / "experiments").exists()
