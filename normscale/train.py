@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from normscale.checkpoints import append_jsonl, remove_temporaries, truncate_metrics
-from normscale.config import (Config, InterruptedRunError, NormscaleError, RunFailedError, RunHeldError, RunRefusedError,
-                              lr_factor)
+from normscale.config import (Config, ConfigError, InterruptedRunError, NormscaleError, RunFailedError, RunHeldError,
+                              RunRefusedError, lr_factor)
 from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
 from normscale.data.seeds import stream_seed
 from normscale.data.store import check_budget, rank_rows, to_torch
+from normscale.dist import process_info
 from normscale.dist.accel import (check_replicas_identical, decided_on_main, finish_process, keep_freed_memory,
                                   load_resume, make_accelerator, prepare, save_checkpoint, save_resume)
 from normscale.fileio import write_json
@@ -219,6 +220,10 @@ def train_pack(jobs: list[tuple[Config, list[str]]]) -> list[tuple[NormscaleErro
     its own run directory: their steps in turn. A run that cannot start (held elsewhere, refused) is left out with
     one line and one that fails (non-finite) leaves the pack; the others go on. Returns those errors, each with its
     run's overrides."""
+    world = process_info().world_size
+    if world > 1:
+        raise ConfigError(f"pack={jobs[0][0].pack} under a launch of {world} processes: packs train in one process "
+                          "for now (multi-process packs are not built); launch one process, or drop pack=")
     preemption = Preemption()
     keep_freed_memory()
     problems, loops = [], []

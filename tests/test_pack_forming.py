@@ -197,3 +197,13 @@ def test_the_planner_prints_packs_and_refuses_to_submit_them_until_array_packs_e
     submitted = run_module("normscale.sweep", "plan", "--submit", *args, env={"CACHE_DIR": str(tmp_path)})
     assert submitted.returncode == 2 and "submitting packs as array tasks is not built yet" in submitted.stderr
     assert not (tmp_path / "experiments").exists()
+
+
+def test_a_pack_under_a_multi_process_launch_is_refused_before_any_work(tmp_path):
+    """Packs train in one process; a launch of several (here rank 0 of 2, as torchrun or accelerate would set it) is
+    refused with one line before anything is written or any process group is formed."""
+    result = run_module("normscale.train", *SWEEP, "pack=2",
+                        env={"CACHE_DIR": str(tmp_path), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "pack=2 under a launch of 2 processes" in result.stderr
+    assert not (tmp_path / "experiments" / "balls_and_urns" / "packed" / "runs").exists()
