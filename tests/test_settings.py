@@ -21,6 +21,7 @@ from normscale.model.hf import HFGPTNeoX
 from normscale.model.mlp import MLP
 from normscale.model.transformer import Transformer
 from normscale.results import load_metrics
+from normscale.settings.base import SymbolSequence
 
 TASK = TaskConfig(num_tasks=3, num_dims=4, context_length=6, num_ood_tasks=5)
 ALL = settings.names()
@@ -33,6 +34,12 @@ def make(name: str, task: TaskConfig = TASK):
 
 def pool(setting, num: int, seed: int = 0):
     return {k: torch.as_tensor(v) for k, v in setting.draw_tasks(num, np.random.default_rng(seed)).items()}
+
+
+def predictors(setting, tasks) -> dict:
+    """M (with a uniform prior over the TASK's D tasks), G and Const of `setting`."""
+    log_prior = torch.full((TASK.num_tasks,), -math.log(TASK.num_tasks), dtype=torch.float64)
+    return {kind: setting.predictor(kind, tasks, log_prior) for kind in ("memorizing", "generalizing", "const")}
 
 
 def sequences(setting, tasks, num: int, seed: int = 0):
@@ -90,8 +97,7 @@ def test_networks_predict_in_the_convention_of_the_predictors(name):
     setting = make(name)
     tasks = pool(setting, TASK.num_tasks)
     batch = sequences(setting, tasks, 5)
-    log_prior = torch.full((TASK.num_tasks,), -math.log(TASK.num_tasks), dtype=torch.float64)
-    reference = setting.predictor("memorizing", tasks, log_prior)(batch)
+    reference = predictors(setting, tasks)["memorizing"](batch)
     torch.manual_seed(0)
     for net in networks(setting):
         outputs = net(batch)
@@ -109,9 +115,7 @@ def test_pointwise_metrics_distances_and_mixtures(name):
     setting = make(name)
     tasks = pool(setting, TASK.num_tasks)
     batch = sequences(setting, tasks, 6)
-    log_prior = torch.full((TASK.num_tasks,), -math.log(TASK.num_tasks), dtype=torch.float64)
-    m = setting.predictions(setting.predictor("memorizing", tasks, log_prior)(batch))
-    g = setting.predictions(setting.predictor("generalizing")(batch))
+    m, g = (setting.predictions(predictors(setting, tasks)[kind](batch)) for kind in ("memorizing", "generalizing"))
     per = setting.pointwise(m, batch)
     assert set(per) == {"loss", setting.metric}
     d = setting.distance(m, g)
@@ -135,12 +139,11 @@ def test_each_bayes_predictor_is_best_on_the_distribution_it_is_optimal_for(name
     above the sampling noise."""
     setting = make(name)
     tasks = pool(setting, TASK.num_tasks)
-    log_prior = torch.full((TASK.num_tasks,), -math.log(TASK.num_tasks), dtype=torch.float64)
-    predictors = {kind: setting.predictor(kind, tasks, log_prior) for kind in ("memorizing", "generalizing", "const")}
+    bayes = predictors(setting, tasks)
 
     def mean_losses(batch):
         return {kind: setting.pointwise(setting.predictions(p(batch)), batch)["loss"].double().mean().item()
-                for kind, p in predictors.items()}
+                for kind, p in bayes.items()}
 
     in_distribution = mean_losses(sequences(setting, tasks, 4000, seed=3))
     assert in_distribution["memorizing"] < in_distribution["generalizing"] <= in_distribution["const"] + 1e-9
@@ -148,6 +151,14 @@ def test_each_bayes_predictor_is_best_on_the_distribution_it_is_optimal_for(name
     out_of_distribution = mean_losses(sequences(setting, fresh, 4000, seed=5))
     assert out_of_distribution["generalizing"] < out_of_distribution["memorizing"]
     assert out_of_distribution["generalizing"] <= out_of_distribution["const"] + 1e-9
+
+
+def test_a_setting_missing_part_of_the_protocol_cannot_be_built():
+    class Incomplete(SymbolSequence):  # no tasks, no sampling, no metrics, no predictors
+        name = "incomplete"
+
+    with pytest.raises(TypeError, match="abstract method.*draw_tasks"):
+        Incomplete(TASK)
 
 
 def test_unknown_settings_are_named_with_the_registered_ones():

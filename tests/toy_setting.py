@@ -12,27 +12,20 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from normscale import settings
 from normscale.settings.bayes import BayesPredictor
-from normscale.settings.network_io import NetworkIO
-from normscale.settings.base import Setting, categorical_distance, categorical_mixture
+from normscale.settings.base import SymbolSequence
 
 FLIP = 0.1
 
 
-class FixedPattern(Setting):
+class FixedPattern(SymbolSequence):
     name = "fixed_pattern"
-    batch_arrays = {"tokens": (np.uint8, torch.int64), "task_ids": (np.int32, torch.int64)}
     sequence_task_params = {}
     metric = "accuracy"
     strategy_measure = "nll"
-
-    def batch_shapes(self, batch_size):
-        return {"tokens": (batch_size, self.task.context_length + 1), "task_ids": (batch_size,)}
 
     def task_shapes(self, num):
         return {"pattern": (num, self.task.context_length)}
@@ -48,35 +41,9 @@ class FixedPattern(Setting):
         start = torch.full((B, 1), V, dtype=torch.int64, device=task_ids.device)
         return {"tokens": torch.cat([start, torch.where(flip, other, pattern)], dim=1), "task_ids": task_ids}
 
-    @property
-    def tokens_per_sequence(self):
-        return self.task.context_length + 1
-
-    @property
-    def network_io(self):
-        V = self.task.num_dims
-        return NetworkIO(inputs="ids", input_size=V + 1, context_length=self.task.context_length, output_size=V + 1,
-                         predicts="every", read=lambda batch: batch["tokens"][:, :-1])
-
-    def objective(self, outputs, batch):
-        return F.cross_entropy(outputs.transpose(1, 2).float(), batch["tokens"][:, 1:], reduction="none").mean(1)
-
-    def predictions(self, outputs):
-        return torch.log_softmax(outputs[..., :self.task.num_dims].float(), dim=-1)
-
     def pointwise(self, predictions, batch):
-        nxt = batch["tokens"][:, 1:]
-        return {"loss": -predictions.gather(-1, nxt[..., None]).squeeze(-1),
-                "accuracy": (predictions.argmax(-1) == nxt).float()}
-
-    def distance(self, a, b):
-        return categorical_distance(a, b)
-
-    def mixture(self, m, g, w_m):
-        return categorical_mixture(m, g, w_m)
-
-    def labels(self, batch):
-        return batch["tokens"][:, 1:]
+        return {"loss": self.next_symbol_nll(predictions, batch),
+                "accuracy": (predictions.argmax(-1) == batch["tokens"][:, 1:]).float()}
 
     def strategy_loss(self, pointwise, batch):
         return pointwise["loss"]

@@ -12,33 +12,20 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from normscale.config import ConfigError
 from normscale.settings.bayes import BayesPredictor
-from normscale.settings.network_io import NetworkIO
-from normscale.settings.base import Setting, categorical_distance, categorical_mixture, require
+from normscale.settings.base import SymbolSequence, require
 
 
-class BallsAndUrns(Setting):
+class BallsAndUrns(SymbolSequence):
     name = "balls_and_urns"
-    batch_arrays = {"tokens": (np.uint8, torch.int64), "task_ids": (np.int32, torch.int64)}
     sequence_task_params = {"theta": "theta"}
     metric = "kl"
     strategy_measure = "kl"
 
-    def batch_shapes(self, batch_size):
-        return {"tokens": (batch_size, self.task.context_length + 1), "task_ids": (batch_size,)}
-
     def task_shapes(self, num):
         return {"theta": (num, self.task.num_dims)}
-
-    def check(self, num_tasks):
-        super().check(num_tasks)
-        if self.task.num_dims + 1 > 255:
-            raise ConfigError(f"task_kwargs.num_dims={self.task.num_dims} colours do not fit uint8 token storage "
-                              "(max 254)")
 
     def draw_tasks(self, num, rng):
         return {"theta": rng.dirichlet(np.full(self.task.num_dims, self.task.dirichlet_alpha), size=num)}
@@ -49,36 +36,11 @@ class BallsAndUrns(Setting):
         start = torch.full((B, 1), V, dtype=torch.int64, device=task_ids.device)
         return {"tokens": torch.cat([start, draws], dim=1), "task_ids": task_ids}
 
-    @property
-    def tokens_per_sequence(self):
-        return self.task.context_length + 1
-
-    @property
-    def network_io(self):
-        V = self.task.num_dims
-        return NetworkIO(inputs="ids", input_size=V + 1, context_length=self.task.context_length, output_size=V + 1,
-                         predicts="every", read=lambda batch: batch["tokens"][:, :-1])
-
-    def objective(self, outputs, batch):
-        return F.cross_entropy(outputs.transpose(1, 2).float(), batch["tokens"][:, 1:], reduction="none").mean(1)
-
-    def predictions(self, outputs):
-        return torch.log_softmax(outputs[..., :self.task.num_dims].float(), dim=-1)
-
     def pointwise(self, predictions, batch):
         theta = batch["theta"].float()
         log_theta = torch.where(theta > 0, theta.log(), torch.zeros_like(theta))
-        return {"loss": -predictions.gather(-1, batch["tokens"][:, 1:, None]).squeeze(-1),
+        return {"loss": self.next_symbol_nll(predictions, batch),
                 "kl": (theta[:, None, :] * (log_theta[:, None, :] - predictions)).sum(-1)}
-
-    def distance(self, a, b):
-        return categorical_distance(a, b)
-
-    def mixture(self, m, g, w_m):
-        return categorical_mixture(m, g, w_m)
-
-    def labels(self, batch):
-        return batch["tokens"][:, 1:]
 
     def strategy_loss(self, pointwise, batch):
         return pointwise["kl"]

@@ -21,16 +21,21 @@ the training objective is the network's own (over its raw outputs) and keeps its
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from normscale.config import ConfigError, TaskConfig
 from normscale.settings.network_io import NetworkIO
 
 
-class Setting:
+class Setting(ABC):
+    """A task family for one TaskConfig; a subclass sets the class attributes and implements every abstract method
+    (instantiating one that misses any fails at once, naming them)."""
+
     name: ClassVar[str]
     batch_arrays: ClassVar[dict[str, tuple[type, torch.dtype]]]
     eval_splits: ClassVar[tuple[str, ...]] = ("id", "ood")
@@ -46,12 +51,13 @@ class Setting:
 
     # ------------------------------------------------------------------ data
 
+    @abstractmethod
     def batch_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
-        raise NotImplementedError
+        """Shapes of a batch of `batch_size` sequences (batch_arrays' keys)."""
 
+    @abstractmethod
     def task_shapes(self, num: int) -> dict[str, tuple[int, ...]]:
         """Shapes of `num` tasks' parameter arrays (draw_tasks' keys)."""
-        raise NotImplementedError
 
     def check(self, num_tasks: int) -> None:
         """Raise ConfigError where the TaskConfig cannot be used (before any data is made); the compact storage dtypes
@@ -59,64 +65,114 @@ class Setting:
         if num_tasks >= 2**31:
             raise ConfigError(f"{num_tasks} tasks do not fit int32 task ids")
 
+    @abstractmethod
     def draw_tasks(self, num: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """`num` task parameter sets from the task prior p(theta), float64 (labels int64)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sample(self, tasks: dict[str, torch.Tensor], task_ids: torch.Tensor, generator: torch.Generator,
                context_weights: torch.Tensor, exclude_query: bool = False) -> dict[str, torch.Tensor]:
         """One sequence per entry of `task_ids`, drawn i.i.d. given its task (the torch dtypes of batch_arrays).
         `context_weights` (D,) is the pool's task prior (settings whose context mixes tasks draw from it);
         `exclude_query` keeps the query's task out of the context (settings with an "iwl" split)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def tokens_per_sequence(self) -> int:
-        raise NotImplementedError
+        """Tokens a sequence counts for in `tokens_seen`."""
 
     # ------------------------------------------------------------------ networks
 
     @property
+    @abstractmethod
     def network_io(self) -> NetworkIO:
-        raise NotImplementedError
+        """What a trained network of this setting reads and predicts."""
 
     # ------------------------------------------------------------------ scoring
 
+    @abstractmethod
     def objective(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) the training objective of each sequence, from a network's raw outputs."""
-        raise NotImplementedError
 
     def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
         """A network's raw outputs in the shared convention, float32."""
         return outputs.float()
 
+    @abstractmethod
     def pointwise(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{"loss", metric}: (N, P) per sequence and position."""
-        raise NotImplementedError
 
+    @abstractmethod
     def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(N, P) distance between two predictions."""
-        raise NotImplementedError
 
+    @abstractmethod
     def mixture(self, m: torch.Tensor, g: torch.Tensor, w_m: float) -> torch.Tensor:
         """The prediction w_M M + (1 - w_M) G."""
-        raise NotImplementedError
 
+    @abstractmethod
     def labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """What is predicted (eval_kwargs.return_all saves it beside the predictions)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def strategy_loss(self, pointwise: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, P) SPEC D's loss L_s of a strategy's predictions, from their pointwise metrics."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ predictors
 
+    @abstractmethod
     def predictor(self, kind: str, tasks: dict | None = None, log_prior: torch.Tensor | None = None,
                   dtype: torch.dtype = torch.float64, chunk_elements: int | None = None) -> torch.nn.Module:
         """The `kind` Bayes predictor (normscale.settings.bayes.BayesPredictor); memorizing needs the D training tasks
         and their log prior."""
-        raise NotImplementedError
+
+
+class SymbolSequence(Setting):
+    """Settings whose sequence is a start token (V) then C symbols out of V, each predicted from those before it
+    (balls_and_urns; tests/toy_setting.py): the batch layout, what a network reads and predicts (V+1 logits at every
+    position), its objective (next-token cross-entropy over the V+1 outputs), the predictions (log-probabilities
+    over the V symbols: the start token's class dropped, the rest renormalised) and their comparison. The symbols
+    and their tasks are the subclass's."""
+
+    batch_arrays = {"tokens": (np.uint8, torch.int64), "task_ids": (np.int32, torch.int64)}
+
+    def batch_shapes(self, batch_size):
+        return {"tokens": (batch_size, self.task.context_length + 1), "task_ids": (batch_size,)}
+
+    def check(self, num_tasks):
+        super().check(num_tasks)
+        if self.task.num_dims + 1 > 255:
+            raise ConfigError(f"task_kwargs.num_dims={self.task.num_dims} symbols do not fit uint8 token storage "
+                              "(max 254)")
+
+    @property
+    def tokens_per_sequence(self):
+        return self.task.context_length + 1
+
+    @property
+    def network_io(self):
+        V = self.task.num_dims
+        return NetworkIO(inputs="ids", input_size=V + 1, context_length=self.task.context_length, output_size=V + 1,
+                         predicts="every", read=lambda batch: batch["tokens"][:, :-1])
+
+    def objective(self, outputs, batch):
+        return F.cross_entropy(outputs.transpose(1, 2).float(), batch["tokens"][:, 1:], reduction="none").mean(1)
+
+    def predictions(self, outputs):
+        return torch.log_softmax(outputs[..., :self.task.num_dims].float(), dim=-1)
+
+    def next_symbol_nll(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, C) negative log-likelihood of each next symbol."""
+        return -predictions.gather(-1, batch["tokens"][:, 1:, None]).squeeze(-1)
+
+    def distance(self, a, b):
+        return categorical_distance(a, b)
+
+    def mixture(self, m, g, w_m):
+        return categorical_mixture(m, g, w_m)
+
+    def labels(self, batch):
+        return batch["tokens"][:, 1:]
 
 
 # ---------------------------------------------------------------------- shared by the categorical settings

@@ -10,6 +10,8 @@ sequences so that a chunk's largest block holds at most `chunk_elements` entries
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ CHUNK_ELEMENTS = 2**22  # entries of the largest per-chunk block: ~16 MiB float3
 PROB_CLIP = 1e-5
 
 
-class BayesPredictor(nn.Module):
+class BayesPredictor(nn.Module, metaclass=ABCMeta):
     """Base of every setting's predictors: checks kind, chunking and (memorizing) the tasks and prior, which
     `register_tasks` stores as buffers."""
 
@@ -63,9 +65,13 @@ class BayesPredictor(nn.Module):
         self.register_buffer("log_prior", log_prior.to(self.dtype))
         return params
 
+    @abstractmethod
     def register_tasks(self, params: dict[str, torch.Tensor]) -> None:
         """Store the checked float64 task parameters as buffers (in `self.dtype`)."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Predictions in the setting's convention."""
 
     @property
     def memorizing_dtype(self) -> torch.dtype:
