@@ -256,6 +256,9 @@ SECTIONS: dict[str, type] = {
 }
 
 
+PACK_EXECUTIONS = ("auto", "stacked", "in_turn")
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = "default"
@@ -265,6 +268,7 @@ class Config:
     overwrite: bool = False
     cache_dir: str = "./cache"
     pack: int = 1  # runs of one shape trained together as one stacked model (normscale.pack); 1: solo
+    pack_execution: str = "auto"  # stacked | in_turn | auto (stacked on a GPU, in turn on a CPU: bench/bench_pack.py)
     task_kwargs: TaskConfig = field(default_factory=TaskConfig)
     data_kwargs: DataConfig = field(default_factory=DataConfig)
     model_kwargs: ModelConfig = field(default_factory=ModelConfig)
@@ -288,6 +292,7 @@ class Config:
             raise ConfigError(f"name={self.name!r} must be a non-empty name without '/'")
         _at_least("seed", self.seed, 0)
         _at_least("pack", self.pack, 1, " (runs per pack; 1 trains each run alone)")
+        _choice("pack_execution", self.pack_execution, PACK_EXECUTIONS)
         for key in SECTIONS:
             getattr(self, key).check(key)
         total = self.eval_kwargs.batch_size * self.eval_kwargs.num_eval_batches

@@ -34,6 +34,8 @@ from normscale.layout import (CONFIG_FILE, EVAL_METRICS, FAILED_FILE, LOCK_FILE,
 from normscale.metrics import metric_sums, predict
 from normscale.model import build_model
 from normscale.model.mup import optimizer_groups
+from normscale.pack.forming import stacked
+from normscale.pack.stacked import StackedLoops
 from normscale.provenance import provenance
 from normscale.runlock import RunLock
 from normscale.settings import get as get_setting
@@ -216,10 +218,11 @@ def train(config: Config, overrides: list[str]) -> Path:
 
 
 def train_pack(jobs: list[tuple[Config, list[str]]]) -> list[tuple[NormscaleError, list[str]]]:
-    """Runs of one shape (normscale.pack.forming) trained in one process, each exactly as `train` trains it alone, in
-    its own run directory: their steps in turn. A run that cannot start (held elsewhere, refused) is left out with
-    one line and one that fails (non-finite) leaves the pack; the others go on. Returns those errors, each with its
-    run's overrides."""
+    """Runs of one shape (normscale.pack.forming) trained in one process, each as `train` trains it alone and in its
+    own run directory: stacked (one model with a leading run axis; equal to solo up to fp32 rounding) or their steps
+    in turn (bit-identical), as pack_execution says. A run that cannot start (held elsewhere, refused) is left out
+    with one line and one that fails (non-finite) leaves the pack; the others go on. Returns those errors, each with
+    its run's overrides."""
     world = process_info().world_size
     if world > 1:
         raise ConfigError(f"pack={jobs[0][0].pack} under a launch of {world} processes: packs train in one process "
@@ -238,9 +241,11 @@ def train_pack(jobs: list[tuple[Config, list[str]]]) -> list[tuple[NormscaleErro
                     continue
                 if loop is not None:
                     loops.append((loop, overrides))
-            print(f"normscale: training {len(loops)} run(s) as one pack, their steps in turn", flush=True)
+            stack = bool(loops) and stacked(loops[0][0].config.pack_execution, loops[0][0].accelerator.device.type)
+            print(f"normscale: training {len(loops)} run(s) as one pack, "
+                  f"{'stacked' if stack else 'their steps in turn'}", flush=True)
             preemption.training = True
-            failed = dict((id(loop), error) for loop, error in run_loops([loop for loop, _ in loops]))
+            failed = dict((id(loop), error) for loop, error in run_loops([loop for loop, _ in loops], stack))
             for loop, overrides in loops:
                 if id(loop) in failed:
                     print(f"normscale: {failed[id(loop)]}", file=sys.stderr, flush=True)
@@ -321,15 +326,20 @@ def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> list[tuple[torch.T
     return chunks
 
 
-def run_loops(loops: list[Loop]) -> list[tuple[Loop, RunFailedError]]:
-    """Step every loop in turn until each is done (max_steps, or stopped by preemption); after each step its hooks
-    run in order. A run whose training turns non-finite leaves with its error (returned); the others go on."""
+def run_loops(loops: list[Loop], stacked: bool = False) -> list[tuple[Loop, RunFailedError]]:
+    """Step every loop until each is done (max_steps, or stopped by preemption): in turn, each by its own
+    train_step, or (stacked) all at once as one model with a leading run axis (normscale.pack.stacked); after each
+    step its hooks run in order. A run whose training turns non-finite leaves with its error (returned); the others
+    go on."""
     active, failed = list(loops), []
+    stack = StackedLoops(loops) if stacked else None
     try:
         while active:
+            if stack is not None:
+                stack.step(active)
             for loop in list(active):
                 try:
-                    loop.advance()
+                    loop.advance(stepped=stack is not None)
                 except RunFailedError as error:  # recorded in its run directory already
                     failed.append((loop, error))
                     active.remove(loop)
@@ -347,6 +357,7 @@ def finish(loop: Loop, preemption: Preemption) -> None:
     Ctrl-C's exit, the final line."""
     if loop.stopping:
         preemption.hand_over()
+    loop.sync()
     check_replicas_identical(loop.accelerator, loop.model)
     done, max_steps = loop.step, loop.config.training_kwargs.max_steps
     if preemption.interrupted and done < max_steps:
@@ -373,10 +384,13 @@ class Loop:
         self.logged: dict[str, dict] = {}  # what this step logged, by kind ("train", "eval"), for the sinks
         self.results: dict | None = None  # the last evaluation
         self.stopping = False
+        self.stack: StackedLoops | None = None  # a stacked pack's loop: its weights live there between syncs
+        self.stale = False
 
-    def advance(self) -> None:
-        """One training step, then every hook."""
-        self.chunks = train_step(self, self.batches.batch(self.step))
+    def advance(self, stepped: bool = False) -> None:
+        """One training step (unless a stacked pack has just made it), then every hook."""
+        if not stepped:
+            self.chunks = train_step(self, self.batches.batch(self.step))
         self.step, self.logged = self.step + 1, {}
         for hook in self.hooks:
             hook.after_step(self)
@@ -394,6 +408,11 @@ class Loop:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def sync(self) -> None:
+        """Bring the model and optimizer up to date before a hook reads them (only a stacked pack's lag)."""
+        if self.stack is not None:
+            self.stack.sync(self)
 
     def is_due(self, every: int) -> bool:
         return self.step % every == 0 or self.step == self.config.training_kwargs.max_steps
@@ -485,6 +504,7 @@ class Evaluate(Hook):
 
     def after_step(self, loop):
         if loop.is_due(loop.config.training_kwargs.eval_every):
+            loop.sync()
             loop.results = evaluate(loop.model, loop.setting, loop.config, self.splits, loop.accelerator)
             if loop.is_main:
                 append_jsonl(loop.run_dir / EVAL_METRICS, {"step": loop.step, **loop.results})
@@ -549,6 +569,7 @@ class SaveState(Hook):
             self.preemption, loop.accelerator, loop.step, training.log_every)
         if not (checkpoint or loop.stopping):
             return
+        loop.sync()
         if "train" not in loop.logged:  # a logging step has just checked
             loop.check_finite(loop.metrics.reduced(loop.accelerator)[2])
         if checkpoint:

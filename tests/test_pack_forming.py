@@ -40,7 +40,8 @@ OTHER_SHAPE = {"setting": "linear_regression", "model": "mlp", "task_kwargs.num_
                "model_kwargs.num_heads": 2, "model_kwargs.mlp_expansion_factor": 2.0,
                "model_kwargs.parametrization": "mup", "model_kwargs.base_width": 64,
                "training_kwargs.batch_size": 32, "training_kwargs.gradient_accumulation_steps": 2,
-               "training_kwargs.precision": "bf16", "training_kwargs.compile": True, "data_kwargs.source": "generate"}
+               "training_kwargs.precision": "bf16", "training_kwargs.compile": True, "data_kwargs.source": "generate",
+               "pack_execution": "stacked"}
 
 
 def test_every_shape_key_is_covered_by_the_cases():

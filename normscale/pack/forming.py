@@ -28,7 +28,14 @@ SHAPE_KEYS = {
     "training_kwargs.precision": "the dtype",
     "training_kwargs.compile": "one compiled graph",
     "data_kwargs.source": "how batches are read",
+    "pack_execution": "how the pack steps",
 }
+
+
+def stacked(execution: str, device_type: str) -> bool:
+    """Whether a pack steps as one stacked model: pack_execution=stacked, or auto on a GPU (on a CPU a step is
+    compute-bound and its runs in turn are faster: bench/bench_pack.py, docs/BENCHMARKS.md)."""
+    return execution == "stacked" or (execution == "auto" and device_type == "cuda")
 
 
 def shape_key(config: Config) -> tuple:

@@ -9,8 +9,8 @@ gradient norm, and its own AdamW state. Two executions share one interface (`ste
                   tensors. Equal to solo up to fp32 rounding (batched kernels sum in another order).
   SequentialRuns  the solo models, torch.optim.AdamW and LambdaLR stepped in turn: bit-identical to solo.
 
-A run whose step count reaches its max_steps is masked: its rows are still computed (pass None as its batch: the
-first active run's batch fills in), but its parameters, AdamW state and step count no longer change.
+A run steps when it is given a batch; pass None for one that does not (finished, stopped or failed): it is masked,
+its rows still computed (the first given batch fills in) but its parameters, AdamW state and step count unchanged.
 """
 from __future__ import annotations
 
@@ -54,6 +54,14 @@ def stack_batches(batches: Sequence[dict[str, torch.Tensor] | None]) -> dict[str
     return {name: torch.stack([b[name] for b in batches]) for name in filler}
 
 
+def stepping(batches: Sequence[dict[str, torch.Tensor] | None], unfinished: list[bool]) -> list[bool]:
+    """Which runs step: those given a batch, which must not have reached their max_steps."""
+    given = [b is not None for b in batches]
+    if any(g and not u for g, u in zip(given, unfinished)):
+        raise ValueError(f"a batch was given to a run past its max_steps (runs given {given}, unfinished {unfinished})")
+    return given
+
+
 def run_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N,) per-run values shaped to broadcast against a stacked tensor (N, ...)."""
     return values.view(-1, *([1] * (like.ndim - 1)))
@@ -93,6 +101,13 @@ class StackedModel:
                              f"unexpected {sorted(set(state) - set(values))}")
         for name, tensor in state.items():
             values[name][k].copy_(tensor)
+
+    @torch.no_grad()
+    def write_run(self, k: int, model: nn.Module) -> None:
+        """Run k's values into `model`, a solo model of this shape, in place."""
+        values = {**self.params, **self.buffers}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            tensor.copy_(values[name][k])
 
     def unstack(self, k: int) -> nn.Module:
         """Run k as a solo model (a copy)."""
@@ -210,7 +225,7 @@ class StackedRuns:
         return [s < t.max_steps for s, t in zip(self.steps, self.trainings)]
 
     def step(self, batches: Sequence[dict[str, torch.Tensor] | None]) -> PackStep:
-        active = self.active
+        active = stepping(batches, self.active)
         batch = stack_batches(batches)
         objectives = vmap(self.setting.objective)(self.model(batch), batch)
         objectives.mean(1).sum().backward()  # each run's parameters receive the gradient of its own mean
@@ -248,7 +263,7 @@ class SequentialRuns:
         return [s < t.max_steps for s, t in zip(self.steps, self.trainings)]
 
     def step(self, batches: Sequence[dict[str, torch.Tensor] | None]) -> PackStep:
-        active = self.active
+        active = stepping(batches, self.active)
         filler = next(b for b in batches if b is not None)
         objectives = torch.full((len(self.models), len(filler["task_ids"])), math.nan)
         norms = torch.full((len(self.models),), math.nan)
@@ -279,3 +294,41 @@ def check_pack(models: Sequence[nn.Module], settings: Sequence, trainings: Seque
         raise ValueError("runs of a pack share the setting and the batch size")
     if any(t.gradient_accumulation_steps != 1 for t in trainings):
         raise ValueError("packs train with gradient_accumulation_steps=1")
+
+
+class StackedLoops:
+    """A pack's training loops (normscale.train.Loop: model, optimizer and scheduler as Accelerate prepared them, a
+    setting, a config, step-indexed batches, a step count) stepped as one StackedRuns. The stack holds the weights
+    and AdamW state; each loop's solo model and optimizer are brought up to date from it by `sync` only where a
+    hook reads them (evaluation, checkpoints, resume states), and its scheduler steps with it (the logged lr)."""
+
+    def __init__(self, loops: Sequence):
+        self.loops = list(loops)
+        self.models = [loop.accelerator.unwrap_model(loop.model) for loop in self.loops]
+        self.runs = StackedRuns(self.models, [loop.setting for loop in self.loops],
+                                [loop.config.training_kwargs for loop in self.loops])
+        for k, loop in enumerate(self.loops):
+            if loop.step:  # resumed: its AdamW state continues in the stack
+                self.runs.optimizer.read_run_state(k, self.models[k], loop.optimizer.optimizer)
+            loop.stack, loop.stale = self, False
+
+    def step(self, stepping: Sequence) -> None:
+        """One step of the loops in `stepping` (the others are masked): each gets its chunks and grad_norm, as
+        normscale.train.train_step gives them."""
+        given = {id(loop) for loop in stepping}
+        result = self.runs.step([loop.batches.batch(loop.step) if id(loop) in given else None for loop in self.loops])
+        for k, loop in enumerate(self.loops):
+            if result.active[k]:
+                loop.chunks, loop.grad_norm = [(result.task_ids[k], result.objectives[k])], result.grad_norms[k]
+                loop.scheduler.step()
+                loop.stale = True
+
+    @torch.no_grad()
+    def sync(self, loop) -> None:
+        """Loop's solo model and optimizer state from the stack (then they are what a solo run would hold)."""
+        if not loop.stale:
+            return
+        k = self.loops.index(loop)
+        self.runs.model.write_run(k, self.models[k])
+        self.runs.optimizer.write_run_state(k, self.models[k], loop.optimizer.optimizer)
+        loop.stale = False
