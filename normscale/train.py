@@ -229,18 +229,24 @@ def train_pack(jobs: list[tuple[Config, list[str]]]) -> list[tuple[NormscaleErro
                           "for now (multi-process packs are not built); launch one process, or drop pack=")
     preemption = Preemption()
     keep_freed_memory()
-    problems, loops = [], []
+    problems = []
     try:
         with ExitStack() as held:
-            for config, overrides in jobs:
+            def left_out(error, overrides):
+                print(f"normscale: left out of the pack: {error}", file=sys.stderr, flush=True)
+                problems.append((error, overrides))
+
+            claims, loops = [], []
+            for config, overrides in jobs:  # every run's data checked before any run writes a file
                 try:
-                    loop = open_run(config, overrides, preemption, held)
+                    claims.append(claim_run(config, overrides, held))
                 except (RunHeldError, RunRefusedError) as error:  # the rest of the pack trains
-                    print(f"normscale: left out of the pack: {error}", file=sys.stderr, flush=True)
-                    problems.append((error, overrides))
-                    continue
-                if loop is not None:
-                    loops.append((loop, overrides))
+                    left_out(error, overrides)
+            for claim in filter(None, claims):
+                try:
+                    loops.append((start_run(claim, preemption), claim.overrides))
+                except RunRefusedError as error:  # e.g. a resume state of another identity
+                    left_out(error, claim.overrides)
             stack = bool(loops) and stacked(loops[0][0].config.pack_execution, loops[0][0].accelerator.device.type)
             print(f"normscale: training {len(loops)} run(s) as one pack, "
                   f"{'stacked' if stack else 'their steps in turn'}", flush=True)
@@ -258,8 +264,27 @@ def train_pack(jobs: list[tuple[Config, list[str]]]) -> list[tuple[NormscaleErro
 
 
 def open_run(config: Config, overrides: list[str], preemption: Preemption, held: ExitStack) -> Loop | None:
-    """Everything before the loop for one run: its lock (released by `held`), the checks that refuse it, data, run
-    files, model, wrapping and resume. None when the run is complete."""
+    """Everything before the loop for one run (claim_run, then start_run). None when the run is complete."""
+    claim = claim_run(config, overrides, held)
+    return None if claim is None else start_run(claim, preemption)
+
+
+@dataclasses.dataclass
+class Claim:
+    """A run whose lock is held and whose data are checked, nothing of it written yet."""
+    config: Config
+    overrides: list[str]
+    accelerator: object
+    run_dir: Path
+    plan: object
+    prepared: object
+    lock: RunLock | None
+    replacing: bool
+
+
+def claim_run(config: Config, overrides: list[str], held: ExitStack) -> Claim | None:
+    """The run's lock (released by `held`), the checks that refuse it, and its data (prepared, or refused when
+    damaged) before anything of the run is written. None when the run is complete."""
     accelerator = make_accelerator(config)
     run_dir = run_directory(config, overrides)
     plan = plan_data(config)
@@ -276,20 +301,26 @@ def open_run(config: Config, overrides: list[str], preemption: Preemption, held:
         return None
     replacing = config.overwrite and (run_dir / CONFIG_FILE).exists()
     prepared = prepare_data(config, plan, verify=replacing)  # one process generates, the others wait and reuse
-    decided_on_main(accelerator, lambda: prepare_run_files(config, run_dir, overrides, replacing))
+    return Claim(config, overrides, accelerator, run_dir, plan, prepared, lock, replacing)
+
+
+def start_run(claim: Claim, preemption: Preemption) -> Loop:
+    """The run's files, model, wrapping and resume: its loop, ready to step."""
+    config, accelerator, run_dir = claim.config, claim.accelerator, claim.run_dir
+    decided_on_main(accelerator, lambda: prepare_run_files(config, run_dir, claim.overrides, claim.replacing))
     accelerator.print(f"normscale: run {run_dir} on {accelerator.num_processes} process(es), "
                       f"{accelerator.distributed_type}, device {accelerator.device}")
 
     setting = get_setting(config.setting, config.task_kwargs)
-    batches = open_train_batches(config, prepared, accelerator.process_index, accelerator.num_processes,
+    batches = open_train_batches(config, claim.prepared, accelerator.process_index, accelerator.num_processes,
                                  accelerator.device)
-    splits = {s: to_torch(a, setting, accelerator.device) for s, a in load_eval_splits(plan.directory).items()}
+    splits = {s: to_torch(a, setting, accelerator.device) for s, a in load_eval_splits(claim.plan.directory).items()}
     torch.manual_seed(stream_seed(config.seed, "init"))
     model = build_model(config)
     model, optimizer, scheduler = wrap(model, config.training_kwargs, accelerator)
     hooks = [LogTraining(), Evaluate(splits), WandbLog(), ProgressBar(),
              SaveState(preemption, set(config.checkpoint_steps))]
-    loop = Loop(config, setting, run_dir, accelerator, model, optimizer, scheduler, lock, batches, hooks)
+    loop = Loop(config, setting, run_dir, accelerator, model, optimizer, scheduler, claim.lock, batches, hooks)
     loop.resume()
     return loop
 

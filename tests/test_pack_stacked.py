@@ -121,3 +121,21 @@ def test_a_stacked_pack_stopped_then_run_again_ends_bit_exactly_as_an_uninterrup
     assert "resumed at step" in again.stdout
     assert run_files(tmp_path).keys() == run_files(uninterrupted).keys()
     assert run_files(tmp_path) == run_files(uninterrupted)
+
+
+def test_a_pack_with_one_run_whose_data_is_damaged_refuses_before_any_run_is_written(tmp_path):
+    """Four runs, four datasets (D differs); one dataset's task file truncated: the pack says which file and the
+    command that repairs it, exits 2, and no run of the pack has a file."""
+    from faults import truncate
+
+    args = [*CASES["balls_and_urns"][:-1], "task_kwargs.num_tasks=2,4,8,16", "training_kwargs.max_steps=8"]
+    prepared = run_module("normscale.data", *COMMON[1:], *[a for a in args if "num_tasks" not in a],
+                          "task_kwargs.num_tasks=8", env={"CACHE_DIR": str(tmp_path)})
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    [tasks] = tmp_path.glob("experiments/*/stacked/data/*/tasks.h5")
+    truncate(tasks)
+    result = sweep(tmp_path, *args, "pack=4", "pack_execution=stacked")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"data file {tasks} is truncated" in result.stderr and "python -m normscale.data" in result.stderr
+    assert "Traceback" not in result.stderr and "as one pack" not in result.stdout
+    assert not list(tmp_path.glob("experiments/*/stacked/runs/*/*"))
