@@ -100,13 +100,18 @@ def allowed_keys(section: str) -> list[str]:
     return sorted({k[len(prefix):].split(".")[0] for k in schema_keys() if k.startswith(prefix)})
 
 
+def command_line_cache_dir(args: list[str]) -> Path:
+    """The cache directory a command line names (cache_dir=), else CACHE_DIR, else ./cache."""
+    cache = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("cache_dir=")]
+    return resolve_cache_dir(cache[-1] if cache else None)
+
+
 def trained_experiment(name: str, args: list[str]) -> Path | None:
     """The directory of a trained experiment called `name` in any setting (normscale.layout.find_experiments) under
-    the command line's cache_dir=, else CACHE_DIR; None when there is none."""
+    the command line's cache directory; None when there is none."""
     if not re.fullmatch(r"[\w.+-]+", name):
         return None
-    cache = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("cache_dir=")]
-    return next(iter(find_experiments(resolve_cache_dir(cache[-1] if cache else None), name)), None)
+    return next(iter(find_experiments(command_line_cache_dir(args), name)), None)
 
 
 def to_config(cfg) -> Config:
@@ -317,6 +322,7 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
     load_env()
     try:
         check_overrides(sys.argv[1:])
+        check_cache_dir(command_line_cache_dir(sys.argv[1:]))  # before Hydra makes a -m sweep's directory in it
     except ConfigError as error:
         fail(str(error))
     skipped: list[tuple[int, str]] = []
@@ -331,7 +337,7 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
         try:
             config = to_config(cfg)
             print(f"normscale: CACHE_DIR={config.cache_dir}", flush=True)
-            if packed is not None and config.pack > 1 and hydra_config.mode == RunMode.MULTIRUN:
+            if packed is not None and config.packed and hydra_config.mode == RunMode.MULTIRUN:
                 if "BasicLauncher" not in hydra_config.launcher._target_:
                     raise ConfigError(f"pack={config.pack} with hydra/launcher={hydra_config.runtime.choices.get('hydra/launcher')}"
                                       ": packs are formed in one process (the default launcher) for now; drop pack= "
@@ -353,7 +359,16 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
     if pending:
         from normscale.pack.forming import form_packs
 
-        for members in form_packs([config for config, _ in pending], pending[0][0].pack):
+        size = pending[0][0].pack
+        if size == "auto":
+            from normscale.dist.accel import make_accelerator
+            from normscale.pack.memory import auto_size
+
+            device = make_accelerator(pending[0][0]).device
+            size = auto_size(pending[0][0], len(pending), device)
+            print(f"normscale: pack=auto on {device.type}: packs of {size} run(s)"
+                  + ("" if device.type == "cuda" else " (on a CPU runs train alone: bench/bench_pack.py)"), flush=True)
+        for members in form_packs([config for config, _ in pending], size):
             try:
                 problems = packed([pending[m] for m in members])
             except BaseException as error:

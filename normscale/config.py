@@ -267,7 +267,7 @@ class Config:
     seed: int = 0
     overwrite: bool = False
     cache_dir: str = "./cache"
-    pack: int = 1  # runs of one shape trained together as one stacked model (normscale.pack); 1: solo
+    pack: int | str = 1  # runs of one shape trained together (normscale.pack); 1: solo; auto: as many as fit a GPU
     pack_execution: str = "auto"  # stacked | in_turn | auto (stacked on a GPU, in turn on a CPU: bench/bench_pack.py)
     task_kwargs: TaskConfig = field(default_factory=TaskConfig)
     data_kwargs: DataConfig = field(default_factory=DataConfig)
@@ -275,6 +275,11 @@ class Config:
     training_kwargs: TrainingConfig = field(default_factory=TrainingConfig)
     eval_kwargs: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def packed(self) -> bool:
+        """Whether a sweep's runs train in packs (pack=N > 1, or auto)."""
+        return self.pack == "auto" or self.pack > 1
 
     @classmethod
     def from_dict(cls, raw: dict) -> Config:
@@ -291,7 +296,10 @@ class Config:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r} must be a non-empty name without '/'")
         _at_least("seed", self.seed, 0)
-        _at_least("pack", self.pack, 1, " (runs per pack; 1 trains each run alone)")
+        if self.pack != "auto":
+            if not isinstance(self.pack, int):
+                raise ConfigError(f"pack={self.pack!r} must be a number of runs or auto")
+            _at_least("pack", self.pack, 1, " (runs per pack; 1 trains each run alone)")
         _choice("pack_execution", self.pack_execution, PACK_EXECUTIONS)
         for key in SECTIONS:
             getattr(self, key).check(key)
@@ -375,11 +383,16 @@ def _build(schema: type, raw, key: str):
 def _coerce(annotation, value, key: str):
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
-    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
-    if optional:
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    if union and type(None) in typing.get_args(annotation):
         if value is None:
             return None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    elif union:  # int | str: a value of either type, as given
+        options = typing.get_args(annotation)
+        if isinstance(value, options) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be of type {' or '.join(o.__name__ for o in options)}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, float) and not math.isfinite(value):

@@ -35,6 +35,7 @@ from normscale.metrics import metric_sums, predict
 from normscale.model import build_model
 from normscale.model.mup import optimizer_groups
 from normscale.pack.forming import stacked
+from normscale.pack.memory import check_fits
 from normscale.pack.stacked import StackedLoops
 from normscale.provenance import provenance
 from normscale.runlock import RunLock
@@ -227,6 +228,9 @@ def train_pack(jobs: list[tuple[Config, list[str]]]) -> list[tuple[NormscaleErro
     if world > 1:
         raise ConfigError(f"pack={jobs[0][0].pack} under a launch of {world} processes: packs train in one process "
                           "for now (multi-process packs are not built); launch one process, or drop pack=")
+    accelerator = make_accelerator(jobs[0][0])
+    stack = stacked(jobs[0][0].pack_execution, accelerator.device.type)
+    check_fits(jobs[0][0], len(jobs), stack, accelerator.device)
     preemption = Preemption()
     keep_freed_memory()
     problems = []
@@ -247,7 +251,6 @@ def train_pack(jobs: list[tuple[Config, list[str]]]) -> list[tuple[NormscaleErro
                     loops.append((start_run(claim, preemption), claim.overrides))
                 except RunRefusedError as error:  # e.g. a resume state of another identity
                     left_out(error, claim.overrides)
-            stack = bool(loops) and stacked(loops[0][0].config.pack_execution, loops[0][0].accelerator.device.type)
             print(f"normscale: training {len(loops)} run(s) as one pack, "
                   f"{'stacked' if stack else 'their steps in turn'}", flush=True)
             preemption.training = True
@@ -363,7 +366,7 @@ def run_loops(loops: list[Loop], stacked: bool = False) -> list[tuple[Loop, RunF
     step its hooks run in order. A run whose training turns non-finite leaves with its error (returned); the others
     go on."""
     active, failed = list(loops), []
-    stack = StackedLoops(loops) if stacked else None
+    stack = StackedLoops(loops) if stacked and loops else None
     try:
         while active:
             if stack is not None:

@@ -64,6 +64,9 @@ ROWS = {
     "CACHE_DIR below a file": (PY + ["-m", "normscale.data", "experiment=demo"], {"CACHE_DIR": "{tmp}/a-file/cache"},
                                file_in_the_way, "cannot create CACHE_DIR={tmp}/a-file/cache: {tmp}/a-file is not a "
                                                 "directory"),
+    "CACHE_DIR below a file, a -m sweep": (PY + ["-m", "normscale.train", "-m", "experiment=demo", "seed=0,1"],
+                                           {"CACHE_DIR": "{tmp}/a-file/cache"}, file_in_the_way,
+                                           "cannot create CACHE_DIR={tmp}/a-file/cache: {tmp}/a-file is not a directory"),
     "CACHE_DIR under /proc": (PY + ["-m", "normscale.train"], {"CACHE_DIR": "/proc/normscale-cache"}, None,
                               "cannot create CACHE_DIR=/proc/normscale-cache"),
     "sweep plan -m": (PY + ["-m", "normscale.sweep", "plan", "-m", "experiment=demo"], {}, None,

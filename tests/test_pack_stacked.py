@@ -3,6 +3,7 @@ from the command line: every run ends as its solo run (within fp32 rounding), an
 resumes bit-exactly."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,3 +140,32 @@ def test_a_pack_with_one_run_whose_data_is_damaged_refuses_before_any_run_is_wri
     assert f"data file {tasks} is truncated" in result.stderr and "python -m normscale.data" in result.stderr
     assert "Traceback" not in result.stderr and "as one pack" not in result.stdout
     assert not list(tmp_path.glob("experiments/*/stacked/runs/*/*"))
+
+
+def test_a_pack_too_big_for_the_device_is_refused_before_any_work_with_the_estimate(tmp_path):
+    """The estimate (normscale.pack.memory: one step traced on the meta device) of 4 runs at batch 4096 and width
+    2048 exceeds this machine's memory: one line with the estimate and the pack size that fits, exit 2, nothing
+    written."""
+    result = sweep(tmp_path, *CASES["balls_and_urns"][:-1], "task_kwargs.num_tasks=2,4,8,16",
+                   "training_kwargs.max_steps=8", "training_kwargs.batch_size=4096", "model_kwargs.hidden_size=2048",
+                   "pack=4", "pack_execution=stacked")
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"normscale: error: pack=4: 4 run\(s\) stacked need about [0-9.]+ GiB \(per run: [0-9.]+ GiB "
+                        r"of activations, [0-9.]+ GiB of parameters, held 7 times\) but cpu has [0-9.]+ GiB free; use "
+                        r"pack=1.* or pack=auto", line), line
+    assert not (tmp_path / "experiments").exists() or not list(tmp_path.glob("experiments/*/stacked/*/*"))
+
+
+def test_the_memory_estimate_counts_what_autograd_keeps():
+    """Activations grow linearly with the batch and the parameters with width squared; a stacked pack of N needs N
+    runs' activations, runs in turn one run's."""
+    from normscale.pack.memory import run_memory
+    from conftest import compose_config
+
+    small = run_memory(compose_config("training_kwargs.batch_size=16", "model_kwargs.hidden_size=32"))
+    double = run_memory(compose_config("training_kwargs.batch_size=32", "model_kwargs.hidden_size=32"))
+    wide = run_memory(compose_config("training_kwargs.batch_size=16", "model_kwargs.hidden_size=64"))
+    assert double.activations == pytest.approx(2 * small.activations, rel=0.01)
+    assert 3 < wide.parameters / small.parameters < 4.2
+    assert small.pack(8, stacked=True) > 7 * small.pack(1, stacked=True) > small.pack(8, stacked=False)
