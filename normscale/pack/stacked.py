@@ -14,6 +14,7 @@ its rows still computed (the first given batch fills in) but its parameters, Ada
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Sequence
@@ -205,10 +206,13 @@ class StackedAdamW:
 
 
 class StackedRuns:
-    """N runs of one shape stepped together (see the module docstring)."""
+    """N runs of one shape stepped together (see the module docstring). `autocast`: the forward's context, e.g.
+    Accelerate's for bf16 mixed precision (solo runs get it from accelerator.prepare)."""
 
-    def __init__(self, models: Sequence[nn.Module], settings: Sequence, trainings: Sequence[TrainingConfig]):
+    def __init__(self, models: Sequence[nn.Module], settings: Sequence, trainings: Sequence[TrainingConfig],
+                 autocast=contextlib.nullcontext):
         check_pack(models, settings, trainings)
+        self.autocast = autocast
         self.model = StackedModel(models)
         self.setting = settings[0]  # its objective is per sequence and depends on the task only through shapes
         self.trainings = list(trainings)
@@ -227,7 +231,8 @@ class StackedRuns:
     def step(self, batches: Sequence[dict[str, torch.Tensor] | None]) -> PackStep:
         active = stepping(batches, self.active)
         batch = stack_batches(batches)
-        objectives = vmap(self.setting.objective)(self.model(batch), batch)
+        with self.autocast():
+            objectives = vmap(self.setting.objective)(self.model(batch), batch)
         objectives.mean(1).sum().backward()  # each run's parameters receive the gradient of its own mean
         grads = {name: p.grad for name, p in self.model.params.items()}
         norms = clip_grad_norms_per_run(grads, self.max_norms)
@@ -306,7 +311,7 @@ class StackedLoops:
         self.loops = list(loops)
         self.models = [loop.accelerator.unwrap_model(loop.model) for loop in self.loops]
         self.runs = StackedRuns(self.models, [loop.setting for loop in self.loops],
-                                [loop.config.training_kwargs for loop in self.loops])
+                                [loop.config.training_kwargs for loop in self.loops], self.loops[0].accelerator.autocast)
         for k, loop in enumerate(self.loops):
             if loop.step:  # resumed: its AdamW state continues in the stack
                 self.runs.optimizer.read_run_state(k, self.models[k], loop.optimizer.optimizer)
