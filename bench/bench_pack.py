@@ -95,11 +95,14 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(engine, batches: list, steps: int, warmup: int, device: str = "cpu") -> float:
-    """Seconds of `steps` engine steps after `warmup` untimed ones (the device synchronised before and after)."""
+def time_steps(engine, batches: list, steps: int, warmup: int, device: str = "cpu", ready=None) -> float:
+    """Seconds of `steps` engine steps after `warmup` untimed ones (the device synchronised before and after);
+    `ready()`, if given, is called between the two (a start barrier shared with other processes)."""
     for step in range(warmup + steps):
         if step == warmup:
             synchronize(device)
+            if ready:
+                ready()
             start = time.perf_counter()
         engine.step([b[step % DISTINCT_BATCHES] for b in batches])
     synchronize(device)
