@@ -100,13 +100,13 @@ def pack(check: Check) -> tuple[dict, list[str]]:
     import torch
     from bench_pack import build_engine, pack_configs, run_batches, time_steps
     widths, counts = check.pick(((64, 256), (1, 8, 64)), ((16, 32), (1, 4)))
-    run_steps, warmup, rounds = check.pick((320, 3, 3), (8, 1, 1))
+    run_steps, min_steps, warmup, rounds = check.pick((256, 5, 3, 3), (8, 2, 1, 1))
     rows = []
     for width in widths:
         for n in counts:
             configs = pack_configs(width, n)
             run_settings, batches = run_batches(configs, check.device)
-            steps = max(run_steps // n, 2)
+            steps = max(run_steps // n, min_steps)
             engines = {e: build_engine(e, configs, run_settings, check.device) for e in ENGINES}
             row = {"width": width, "N": n, "timed_steps": steps, "run_steps_per_s": {e: [] for e in ENGINES},
                    "step_peak_gib": {}}
@@ -160,7 +160,7 @@ def pack_markdown(rows: list[dict], width: int, rounds: int) -> list[str]:
 
 def solo_processes(check: Check) -> tuple[dict, list[str]]:
     from bench_pack import build_engine, pack_configs, run_batches, time_steps
-    n, width, steps, warmup, rounds = check.pick((8, 64, 300, 10, 2), (2, 16, 6, 2, 1))
+    n, width, steps, warmup, rounds = check.pick((8, 64, 200, 10, 2), (2, 16, 6, 2, 1))
     configs = pack_configs(width, n)
     run_settings, batches = run_batches(configs, check.device)
     stacked = build_engine("stacked", configs, run_settings, check.device)
@@ -175,6 +175,7 @@ def solo_processes(check: Check) -> tuple[dict, list[str]]:
                 rates[what].append(n * steps / (max(end for _, end in spans) - min(start for start, _ in spans)))
                 per_process.append([steps / (end - start) for start, end in spans])
             print(f"round {r} {what}: {rates[what][-1]:.1f} run-steps/s", flush=True)
+            check.save({"N": n, "width": width, "steps_per_run": steps, "run_steps_per_s": rates}, [])
     m = {k: median(v) for k, v in rates.items()}
     results = {"N": n, "width": width, "steps_per_run": steps, "run_steps_per_s": rates, "median": m,
                "per_process_steps_per_s": per_process, "sweep_hours": {k: hours(v) for k, v in m.items()}}
