@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py tools/install.sh tools/constraints.txt
@@ -28,3 +28,17 @@ bench: install
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_llm.py
 	$(PY) bench/bench_integrity.py
+
+# The GPU check (bench/gpu_check.py; its summary becomes docs/GPU.md): one GPU, no network, no `make install`. The
+# modules a bare GPU machine lacks (hydra, omegaconf, submitit, mup) are installed first, offline, from the wheels in
+# WHEELS. QUICK=1: the CPU mode (tiny sizes, about a minute; the summary stays in OUT).
+OUT ?= gpu-check-out
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+WHEELS ?= $(firstword $(wildcard shared/device-wheels ../shared/device-wheels))
+
+gpu-check:
+	@$(GPU_PY) -c "import hydra, omegaconf, submitit, mup" 2>/dev/null || { \
+	  test -n "$(WHEELS)" || { echo "gpu-check: modules are missing and no wheels were found: set WHEELS=DIR"; exit 2; }; \
+	  echo "gpu-check: installing $(WHEELS)/*.whl (offline)"; \
+	  $(GPU_PY) -m pip install --quiet --no-deps --no-index $(WHEELS)/*.whl; }
+	PYTHONPATH=$(CURDIR) $(GPU_PY) bench/gpu_check.py --out $(OUT) $(if $(QUICK),--quick)

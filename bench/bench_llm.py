@@ -82,23 +82,32 @@ def make_model(directory: Path, vocab_size: int, hidden: int, layers: int, shard
     return directory
 
 
-def urn_batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    """B sequences of C draws over V colours, theta ~ Dirichlet(1) per sequence."""
+def urn_batch(seed: int = 0, size: int = B) -> dict[str, torch.Tensor]:
+    """`size` sequences of C draws over V colours, theta ~ Dirichlet(1) per sequence."""
     g = torch.Generator().manual_seed(seed)
-    theta = -torch.rand(B, V, generator=g).log()  # Exp(1), normalised: Dirichlet(1)
+    theta = -torch.rand(size, V, generator=g).log()  # Exp(1), normalised: Dirichlet(1)
     draws = torch.multinomial(theta / theta.sum(1, keepdim=True), C, replacement=True, generator=g)
-    return {"tokens": torch.cat([torch.full((B, 1), V), draws], 1)}
+    return {"tokens": torch.cat([torch.full((size, 1), V), draws], 1)}
 
 
 def setup(directory: str, vocab_chunk: int):
-    """Model, scorer, the urn batch and the runs of both implementations, each returning (log-probs, coverage)."""
+    """The saved model's runs of both implementations on urn_batch() (scoring_runs)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
     model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    scorer = LLMScorer(model, AutoTokenizer.from_pretrained(directory), V, mapping="fixed", vocab_chunk=vocab_chunk)
-    batch = urn_batch()
+    return scoring_runs(model, AutoTokenizer.from_pretrained(directory), vocab_chunk, urn_batch())
+
+
+def scoring_runs(model, tokenizer, vocab_chunk: int, batch: dict[str, torch.Tensor]):
+    """The runs of both implementations on `batch` (moved to the model's device), each returning (log-probs,
+    coverage), and the input length L."""
+    scorer = LLMScorer(model, tokenizer, V, mapping="fixed", vocab_chunk=vocab_chunk)
+    device = model.device
+    batch = {"tokens": batch["tokens"].to(device)}
+    size = len(batch["tokens"])
     draws = batch["tokens"][:, 1:]
-    input_ids = torch.cat([scorer.header_ids.expand(B, -1), scorer.colour_ids[draws[:, :-1]]], 1)
-    candidates = scorer.colour_ids.expand(B, C, -1)
+    colour_ids = scorer.colour_ids.to(device)
+    input_ids = torch.cat([scorer.header_ids.to(device).expand(size, -1), colour_ids[draws[:, :-1]]], 1)
+    candidates = colour_ids.expand(size, C, -1)
 
     @torch.no_grad()
     def baseline():

@@ -26,49 +26,99 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from normscale import settings  # noqa: E402
+from normscale.config import Config, ModelConfig, TaskConfig, TrainingConfig  # noqa: E402
+from normscale.data import MixtureDataset, draw_task_pools  # noqa: E402
+from normscale.data.seeds import stream_seed  # noqa: E402
+from normscale.dist.accel import keep_freed_memory  # noqa: E402
+from normscale.model import build_model  # noqa: E402
+from normscale.pack.stacked import SequentialRuns, StackedRuns  # noqa: E402
+
 DISTINCT_BATCHES = 4
+ENGINES = ("stacked", "sequential")  # this benchmark's; build_engine also knows "in_turn"
 
 
-def child(width: int, num_runs: int, engine_name: str, steps: int, warmup: int, threads: int) -> dict:
-    """One measurement in this process: run-steps/s and memory of one engine."""
-    sys.path.insert(0, str(ROOT))
-    import torch
-    torch.set_num_threads(threads)
-    from normscale import settings
-    from normscale.config import Config, ModelConfig, TaskConfig, TrainingConfig
-    from normscale.data import MixtureDataset, draw_task_pools
-    from normscale.data.seeds import stream_seed
-    from normscale.dist.accel import keep_freed_memory
-    from normscale.model import build_model
-    from normscale.pack.stacked import SequentialRuns, StackedRuns
-
-    keep_freed_memory()  # as normscale.train does
-    configs = [dataclasses.replace(
+def pack_configs(width: int, num_runs: int, first: int = 0) -> list[Config]:
+    """Runs first, ..., first + num_runs - 1 of a benchmark pack: canonical urns (V=8, C=128, batch 64), the transformer
+    at `width`; run k differs in seed, D and learning rate."""
+    return [dataclasses.replace(
         Config(), seed=k, task_kwargs=TaskConfig(num_tasks=2 ** (2 + k % 8), num_dims=8, context_length=128),
         model_kwargs=ModelConfig(hidden_size=width, num_layers=1, num_heads=1, mlp_expansion_factor=4.0),
         training_kwargs=TrainingConfig(learning_rate=5e-4 * (1 + k % 3), warmup_steps=100, batch_size=64,
-                                       max_steps=10 ** 6)) for k in range(num_runs)]
+                                       max_steps=10 ** 6)) for k in range(first, first + num_runs)]
+
+
+def run_batches(configs: list, device: str = "cpu") -> tuple[list, list]:
+    """Each run's setting and its DISTINCT_BATCHES first step batches (its own MixtureDataset), on `device`."""
     run_settings = [settings.get(c.setting, c.task_kwargs) for c in configs]
     batches = []
     for config, setting in zip(configs, run_settings):
         dataset = MixtureDataset(setting, draw_task_pools(setting, config.seed)["train"], config.task_kwargs.prior,
-                                 64, config.seed)
-        batches.append([dataset.batch(step) for step in range(DISTINCT_BATCHES)])
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                 config.training_kwargs.batch_size, config.seed)
+        batches.append([{n: t.to(device) for n, t in dataset.batch(step).items()} for step in range(DISTINCT_BATCHES)])
+    return run_settings, batches
+
+
+class InTurn(SequentialRuns):
+    """The runs as N solo training loops stepped one after another: SequentialRuns' models, AdamW and LambdaLR, each
+    step what a solo loop does between logging steps. No host synchronisation: SequentialRuns copies each run's
+    objectives and gradient norm to the host, which on a GPU waits for that run's step to finish."""
+
+    def step(self, batches):
+        for k, (model, setting, t) in enumerate(zip(self.models, self.settings, self.trainings)):
+            setting.objective(model(batches[k]), batches[k]).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            self.optimizers[k].step()
+            self.optimizers[k].zero_grad(set_to_none=True)
+            self.schedulers[k].step()
+        self.steps = [s + 1 for s in self.steps]
+
+
+def build_engine(name: str, configs: list, run_settings: list, device: str = "cpu"):
+    """Engine `name` (stacked, sequential or in_turn) over the runs' solo models, each built on `device` under its
+    init seed."""
     models = []
     for config in configs:
         torch.manual_seed(stream_seed(config.seed, "init"))
-        models.append(build_model(config))
-    num_parameters = sum(p.numel() for p in models[0].parameters())
-    engine = {"stacked": StackedRuns, "sequential": SequentialRuns}[engine_name](
-        models, run_settings, [c.training_kwargs for c in configs])
-    del models
+        with torch.device(device):
+            models.append(build_model(config))
+    engine = {"stacked": StackedRuns, "sequential": SequentialRuns, "in_turn": InTurn}[name]
+    return engine(models, run_settings, [c.training_kwargs for c in configs])
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(engine, batches: list, steps: int, warmup: int, device: str = "cpu", ready=None) -> float:
+    """Seconds of `steps` engine steps after `warmup` untimed ones (the device synchronised before and after);
+    `ready()`, if given, is called between the two (a start barrier shared with other processes)."""
     for step in range(warmup + steps):
         if step == warmup:
+            synchronize(device)
+            if ready:
+                ready()
             start = time.perf_counter()
         engine.step([b[step % DISTINCT_BATCHES] for b in batches])
-    seconds = time.perf_counter() - start
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def child(width: int, num_runs: int, engine_name: str, steps: int, warmup: int, threads: int) -> dict:
+    """One measurement in this process: run-steps/s and memory of one engine."""
+    torch.set_num_threads(threads)
+    keep_freed_memory()  # as normscale.train does
+    configs = pack_configs(width, num_runs)
+    run_settings, batches = run_batches(configs)
+    num_parameters = sum(p.numel() for p in build_model(configs[0]).parameters())
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    engine = build_engine(engine_name, configs, run_settings)
+    seconds = time_steps(engine, batches, steps, warmup)
     return {"run_steps_per_s": num_runs * steps / seconds, "step_ms": 1000 * seconds / steps,
             "peak_rss_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
             "state_mib": 4 * 4 * num_parameters * num_runs / 2 ** 20, "parameters": num_parameters}
@@ -99,13 +149,12 @@ def main() -> None:
         return
     if args.quick:
         args.widths, args.runs, args.steps, args.warmup, args.rounds = [32], [1, 4], 4, 2, 1
-    import torch
 
     configurations = [(w, n) for w in args.widths for n in args.runs]
-    results = {(w, n, e): [] for w, n in configurations for e in ("stacked", "sequential")}
+    results = {(w, n, e): [] for w, n in configurations for e in ENGINES}
     for round_index in range(args.rounds):
         for w, n in configurations:
-            order = ("stacked", "sequential") if round_index % 2 == 0 else ("sequential", "stacked")
+            order = ENGINES if round_index % 2 == 0 else ENGINES[::-1]
             for engine in order:
                 results[w, n, engine].append(measure(w, n, engine, args.steps, args.warmup, args.threads))
                 print(f"round {round_index} width {w} N {n} {engine}: {results[w, n, engine][-1]}", file=sys.stderr)

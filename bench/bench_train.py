@@ -79,17 +79,26 @@ def run(command: list[str], env: dict | None = None, code: Path = ROOT) -> str:
     return done.stdout
 
 
-def normscale_rate(cache_dir: Path, extra: list[str], steps: int, window: int, code: Path = ROOT) -> float:
-    """Steady-state steps/s of `python -m normscale.train`, from checkout `code` (another checkout runs in a cache
-    directory of its own, whose only run is this one)."""
+def normscale_records(cache_dir: Path, extra: list[str], steps: int, window: int, code: Path = ROOT) -> list[dict]:
+    """Run `python -m normscale.train` from checkout `code` (another checkout runs in a cache directory of its own,
+    whose only run is this one); its train_metrics.jsonl records, one per window."""
     if code != ROOT:
         cache_dir = cache_dir / "baseline"
     overrides = [*normscale_overrides(cache_dir, steps, window), "overwrite=true", *extra]
     run([sys.executable, "-m", "normscale.train", *overrides], code=code)
     metrics = run_directory(compose(overrides), overrides) / TRAIN_METRICS if code == ROOT else \
         next(cache_dir.glob(f"experiments/*/bench/*/*/{TRAIN_METRICS}"))
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def steady_rate(records: list[dict]) -> float:
+    """Steps/s over every window but the first (warm-up)."""
     return 1 / (sum(r["seconds_per_step"] for r in records[1:]) / len(records[1:]))
+
+
+def normscale_rate(cache_dir: Path, extra: list[str], steps: int, window: int, code: Path = ROOT) -> float:
+    """Steady-state steps/s of `python -m normscale.train` (normscale_records)."""
+    return steady_rate(normscale_records(cache_dir, extra, steps, window, code))
 
 
 def trainer_label(option: str, malloc: bool = False) -> str:
