@@ -189,16 +189,6 @@ def test_a_pack_stopped_mid_way_then_run_again_ends_as_the_solo_runs(solo_longer
         assert strip((run / "train_metrics.jsonl").read_text()) == strip((twin / "train_metrics.jsonl").read_text())
 
 
-def test_the_planner_prints_packs_and_refuses_to_submit_them_until_array_packs_exist(tmp_path):
-    args = ["task_kwargs.num_tasks=2,4,8", "pack=2"]
-    shown = run_module("normscale.sweep", "plan", *args, env={"CACHE_DIR": str(tmp_path)})
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    assert "pack   0  points 0, 1\npack   1  points 2\n" in shown.stdout and "would submit" not in shown.stdout
-    submitted = run_module("normscale.sweep", "plan", "--submit", *args, env={"CACHE_DIR": str(tmp_path)})
-    assert submitted.returncode == 2 and "submitting packs as array tasks is not built yet" in submitted.stderr
-    assert not (tmp_path / "experiments").exists()
-
-
 def test_a_pack_under_a_multi_process_launch_is_refused_before_any_work(tmp_path):
     """Packs train in one process; a launch of several (here rank 0 of 2, as torchrun or accelerate would set it) is
     refused with one line before anything is written or any process group is formed."""
