@@ -6,6 +6,8 @@
                                                                             conflicting points
     python -m normscale.sweep point  --manifest PATH --index I             one point's overrides, one per line
     python -m normscale.sweep progress <overrides>                         one run's resume step, max_steps, directory
+    python -m normscale.sweep progress --manifest PATH --pack I            the same, summed over a pack's runs
+    python -m normscale.sweep train-pack --manifest PATH --index I         train pack I of a manifest in this process
 
 The grid is the experiment preset's `hydra.sweeper.params` crossed with the command line's `-m`-style overrides
 (comma lists; the command line wins for a key in both), exactly the points `python -m normscale.train -m` runs,
@@ -17,6 +19,10 @@ resources), and submits slurm/sweep.sh as one array per chunk of at most MaxArra
 config`), throttled with `%N`. Array task i of a chunk runs point offset + i of the manifest: a requeued or
 resubmitted task maps to the same point even if the preset changed since. Site settings (partition, account, time,
 GPUs and CPUs per task) come from slurm/site.env (the one place to edit them; the environment wins).
+
+With pack=N > 1 the manifest also records the packs the unfinished points form (normscale.pack.forming: lists of
+point indices), the array has one task per pack, and array task i of a chunk trains pack offset + i in one process
+(`train-pack`, which slurm/sweep.sh runs; `progress --pack` is what its requeue rule compares).
 """
 from __future__ import annotations
 
@@ -34,8 +40,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from normscale.cli import check_overrides, compose, fail, grid, load_env, to_config
-from normscale.config import Config, NormscaleError
+from normscale.cli import check_overrides, compose, fail, fail_on, fail_skipped, grid, load_env, to_config
+from normscale.config import Config, ConfigError, NormscaleError
 from normscale.fileio import write_json
 from normscale.pack.forming import form_packs, shape_key, why_apart
 from normscale.layout import (CONFIG_FILE, FAILED_FILE, experiment_dir, identity_diff, latest_sweep_manifest,
@@ -152,14 +158,16 @@ def resources() -> dict[str, str]:
 
 
 def sbatch_command(manifest: Path, offset: int, task_ids: list[int], name: str, res: dict,
-                   throttle: int) -> list[str]:
+                   throttle: int, packs: bool = False) -> list[str]:
+    """The sbatch command of one array: task i runs point offset + i of the manifest (with `packs`: pack offset + i,
+    told to slurm/sweep.sh by NORMSCALE_SWEEP_PACKS=1)."""
     spec = array_spec(task_ids) + (f"%{throttle}" if throttle > 0 else "")
     log = sweep_log(manifest, "%A_%a")  # sbatch's pattern; slurm/sweep.sh names the log from NORMSCALE_SWEEP_LOG
     command = ["sbatch", "--parsable", f"--array={spec}", f"--job-name=ns-{name}",
                f"--output={log}", "--open-mode=append", "--requeue",
                f"--signal=B:USR1@{res['signal_seconds']}", f"--cpus-per-task={res['cpus_per_task']}",
                f"--export=ALL,NORMSCALE_ROOT={ROOT},NORMSCALE_SWEEP_MANIFEST={manifest},NORMSCALE_SWEEP_OFFSET={offset},"
-               f"NORMSCALE_SWEEP_LOG={log}"]
+               f"NORMSCALE_SWEEP_LOG={log}" + (",NORMSCALE_SWEEP_PACKS=1" if packs else "")]
     for key in ("partition", "account", "time"):
         if res[key]:
             command.append(f"--{key}={res[key]}")
@@ -187,48 +195,48 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
               f"{FIX}")
     if not todo:
         return None
-    if points[0].config.pack > 1:
-        show_packs([points[i] for i in todo], todo, points[0].config.pack)
-        if submit:
-            raise NormscaleError("pack>1: submitting packs as array tasks is not built yet (issue 13); submit the "
-                                 "sweep without pack= (each point its own task)")
-        print("normscale: packs train in one process with `python -m normscale.train -m <the same overrides>`; as "
-              "SLURM array tasks they are not built yet (issue 13)")
-        return None
     res = resources()
+    size = array_pack_size(points[0].config.pack, res)
+    packs = show_packs([points[i] for i in todo], todo, size) if size > 1 else None
+    if packs:
+        check_one_process(size, res)
     throttle = int(res["throttle"]) if throttle is None else throttle
     experiment = experiment_dir(points[0].config)
     record = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "overrides": overrides,
               "points": [p.overrides for p in points], "run_dirs": [str(p.run_dir) for p in points],
-              "submitted": todo, "resources": res, "throttle": throttle, "jobs": []}
+              "submitted": todo, **({"packs": packs} if packs else {}), "resources": res, "throttle": throttle,
+              "jobs": []}
     digest = hashlib.sha256(json.dumps(record["points"]).encode()).hexdigest()[:8]
     manifest = sweep_manifest(experiment, time.strftime('%Y%m%d-%H%M%S'), digest)
-    arrays = [(offset, ids, sbatch_command(manifest, offset, ids, experiment.name, res, throttle))
-              for offset, ids in chunks(todo, max_array_size())]
+    tasks = list(range(len(packs))) if packs else todo  # array task -> pack, or -> point
+    arrays = [(offset, ids, sbatch_command(manifest, offset, ids, experiment.name, res, throttle, bool(packs)))
+              for offset, ids in chunks(tasks, max_array_size())]
     if not submit:
         for _, _, command in arrays:
             print(f"normscale: would submit: {shlex.join(command)}")
         print("normscale: `plan --submit` (or sbatch slurm/sweep.sh with the same overrides) writes that manifest "
-              "and submits")
+              "and submits" + ("; each array task trains one pack in one process (`python -m normscale.train -m "
+                               "<the same overrides>` trains them all here)" if packs else ""))
         return None
     sweep_logs_dir(manifest).mkdir(parents=True, exist_ok=True)
     write_json(manifest, record)  # frozen before any task can start
     for offset, task_ids, command in arrays:
         job_id = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
         record["jobs"].append({"job_id": job_id, "offset": offset, "array": array_spec(task_ids)})
-        print(f"normscale: submitted array job {job_id} (--array={array_spec(task_ids)}, offset {offset}); "
-              f"logs {sweep_log(manifest, f'{job_id}_<task>')}")
+        print(f"normscale: submitted array job {job_id} (--array={array_spec(task_ids)}, offset {offset}"
+              f"{', a pack per task' if packs else ''}); logs {sweep_log(manifest, f'{job_id}_<task>')}")
     write_json(manifest, record)
     print(f"normscale: manifest {manifest}")
     return manifest
 
 
-def show_packs(points: list[Point], indices: list[int], size: int) -> None:
-    """The packs the unfinished points form (pack=size), and why points of different shapes train apart."""
+def show_packs(points: list[Point], indices: list[int], size: int) -> list[list[int]]:
+    """The packs the unfinished `points` (sweep indices `indices`) form (pack=size), printed with why points of
+    different shapes train apart; returned as lists of sweep indices."""
     configs = [p.config for p in points]
-    packs = form_packs(configs, size)
+    packs = [[indices[m] for m in members] for members in form_packs(configs, size)]
     for j, members in enumerate(packs):
-        print(f"pack {j:3d}  points {', '.join(str(indices[m]) for m in members)}")
+        print(f"pack {j:3d}  points {', '.join(map(str, members))}")
     first_of_shape: dict[tuple, int] = {}
     for m, config in enumerate(configs):
         first_of_shape.setdefault(shape_key(config), m)
@@ -236,13 +244,60 @@ def show_packs(points: list[Point], indices: list[int], size: int) -> None:
         print(f"normscale: point {indices[m]} cannot share a pack with point {indices[0]}: "
               f"{'; '.join(why_apart(configs[m], configs[0]))}")
     print(f"normscale: {len(points)} point(s) to run form {len(packs)} pack(s) of at most {size}")
+    return packs
+
+
+def array_pack_size(pack: int | str, res: dict) -> int:
+    """The pack size of the array's tasks: pack=N, or auto: 1 for tasks without a GPU (parallel tasks beat a pack on
+    a CPU); with GPUs auto is refused, since it is chosen from the memory of a GPU the planner cannot see."""
+    if pack != "auto":
+        return pack
+    if int(res["gpus_per_task"]):
+        raise ConfigError("pack=auto is chosen from the free memory of the GPU a run starts on, which the planner "
+                          "cannot see; give pack=N (`python -m normscale.train -m <sweep> pack=auto` on a GPU node "
+                          "prints the size it picks, and a pack too big is refused with the estimate)")
+    print("normscale: pack=auto: array tasks without a GPU train one run each (on a CPU parallel tasks beat a pack)")
+    return 1
+
+
+def check_one_process(size: int, res: dict) -> None:
+    """A pack trains in one process (train.train_pack refuses more): an array task set up for several (slurm/sweep.sh
+    starts NORMSCALE_PROCESSES_PER_TASK, else one per GPU) is refused before anything is written."""
+    gpus = int(res["gpus_per_task"])
+    processes = int(os.environ.get("NORMSCALE_PROCESSES_PER_TASK") or (gpus if gpus > 1 else 1))
+    if processes > 1:
+        raise ConfigError(f"pack={size} with {processes} processes per array task (NORMSCALE_PROCESSES_PER_TASK, "
+                          f"NORMSCALE_GPUS_PER_TASK={gpus}): a pack trains in one process for now; set "
+                          "NORMSCALE_PROCESSES_PER_TASK=1 and at most one GPU per task, or drop pack=")
+
+
+def read_manifest(manifest: Path) -> dict:
+    try:
+        return json.loads(Path(manifest).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read the sweep manifest {manifest}: {error}; pass the manifest that `sweep plan "
+                          "--submit` wrote (<experiment>/sweeps/*.json)") from None
 
 
 def point(manifest: Path, index: int) -> list[str]:
-    points = json.loads(Path(manifest).read_text())["points"]
+    points = read_manifest(manifest)["points"]
     if not 0 <= index < len(points):
-        raise NormscaleError(f"sweep index {index} is outside {manifest} ({len(points)} points)")
+        raise ConfigError(f"sweep index {index} is outside {manifest} ({len(points)} points)")
     return points[index]
+
+
+def pack_points(manifest: Path, index: int) -> dict[int, Point]:
+    """{sweep index: point} of pack `index` of a packed manifest, each point validated (as progress validates one)."""
+    record = read_manifest(manifest)
+    if "packs" not in record:
+        raise ConfigError(f"{manifest} has no packs (submitted without pack=N > 1): its array tasks train one point "
+                          "each; use `sweep point` / `sweep progress <overrides>`")
+    packs = record["packs"]
+    if not 0 <= index < len(packs):
+        raise ConfigError(f"pack index {index} is outside {manifest} ({len(packs)} packs)")
+    for i in packs[index]:
+        check_overrides(record["points"][i])
+    return {i: resolve(record["points"][i]) for i in packs[index]}
 
 
 def progress(overrides: list[str]) -> str:
@@ -252,6 +307,31 @@ def progress(overrides: list[str]) -> str:
     check_overrides(overrides)
     run = resolve(overrides)
     return f"{run.step() or 0} {run.max_steps} {run.run_dir}"
+
+
+def pack_progress(manifest: Path, index: int) -> str:
+    """`progress` of a pack: resume steps and max_steps summed over its runs, and a label. The same requeue rule
+    holds: the pack saved progress (the sum grew) and is not complete (the sum is short of the max)."""
+    points = pack_points(manifest, index).values()
+    return (f"{sum(p.step() or 0 for p in points)} {sum(p.max_steps for p in points)} "
+            f"pack {index} of {manifest} ({len(points)} runs, steps summed)")
+
+
+def train_pack_task(manifest: Path, index: int) -> None:
+    """Array task of a packed sweep: pack `index`'s points, all validated first, trained in this process
+    (normscale.train.train_pack). Ends as a `-m` sweep with skipped points does: the most telling exit code."""
+    points = pack_points(manifest, index)
+    for i, p in points.items():
+        print(f"normscale: pack {index}, point {i}: {' '.join(p.overrides)}")
+    print(f"normscale: CACHE_DIR={next(iter(points.values())).config.cache_dir}", flush=True)
+    from normscale.train import train_pack
+
+    try:
+        problems = train_pack([(p.config, p.overrides) for p in points.values()])
+    except BaseException as error:
+        fail_on(error)
+    if problems:
+        fail_skipped([(error.exit_code, " ".join(overrides)) for error, overrides in problems])
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
@@ -280,12 +360,14 @@ def status(overrides: list[str], manifest: Path | None) -> dict[str, list[int]]:
     if manifest is None:
         points = grid(overrides)
         manifest = latest_sweep_manifest(experiment_dir(resolve(points[0]).config))
-    record = json.loads(Path(manifest).read_text()) if manifest else {"points": grid(overrides), "jobs": []}
-    by_index = {}
+    record = read_manifest(manifest) if manifest else {"points": grid(overrides), "jobs": []}
+    packs = record.get("packs")
+    by_index = {}  # point -> its array task
     for job in record["jobs"]:
         task_ids = [int(t) for part in job["array"].split(",") for t in _expand(part)]
         for task in task_ids:
-            by_index[job["offset"] + task] = f"{job['job_id']}_{task}"
+            for i in packs[job["offset"] + task] if packs else [job["offset"] + task]:
+                by_index[i] = f"{job['job_id']}_{task}"
     states = slurm_states([j["job_id"] for j in record["jobs"]])
     groups = {"finished": [], "running": [], "failed": [], "missing": [], "conflict": []}
     for i, overrides_i in enumerate(record["points"]):
@@ -330,7 +412,14 @@ def main() -> None:
     p_point = sub.add_parser("point", help="one point's overrides (used by slurm/sweep.sh)")
     p_point.add_argument("--manifest", type=Path, required=True)
     p_point.add_argument("--index", type=int, required=True)
-    sub.add_parser("progress", help="one run's resume step, max_steps and directory (used by slurm/common.sh)")
+    p_progress = sub.add_parser("progress", help="one run's (or with --pack a pack's) resume step, max_steps and "
+                                                 "directory (used by slurm/common.sh)")
+    p_progress.add_argument("--manifest", type=Path)
+    p_progress.add_argument("--pack", type=int)
+    p_train = sub.add_parser("train-pack", help="train one pack of a manifest in this process (used by "
+                                                "slurm/sweep.sh)")
+    p_train.add_argument("--manifest", type=Path, required=True)
+    p_train.add_argument("--index", type=int, required=True)
     args, overrides = parser.parse_known_args()
     if any(a in ("-m", "--multirun") for a in overrides):
         fail(f"python -m normscale.sweep {args.command} always sweeps: list a key's values as a comma list "
@@ -344,12 +433,20 @@ def main() -> None:
             plan(overrides, args.submit, args.throttle)
         elif args.command == "status":
             status(overrides, args.manifest)
+        elif args.command == "progress" and (args.manifest or args.pack is not None):
+            if args.manifest is None or args.pack is None or overrides:
+                raise ConfigError("progress of a pack takes --manifest PATH --pack I and no overrides")
+            print(pack_progress(args.manifest, args.pack))
         elif args.command == "progress":
             print(progress(overrides))
+        elif args.command == "train-pack":
+            if overrides:
+                raise ConfigError(f"train-pack takes its points from the manifest, not overrides ({overrides[0]})")
+            train_pack_task(args.manifest, args.index)
         else:
             print("\n".join(point(args.manifest, args.index)))
     except NormscaleError as error:
-        fail(str(error))
+        fail(str(error), error.exit_code)
     except subprocess.CalledProcessError as error:
         fail(f"{' '.join(error.cmd)} failed ({error.returncode}): {error.stderr.strip()}")
 

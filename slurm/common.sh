@@ -52,13 +52,16 @@ machine_launcher() {
       --main_process_ip "$NS_MAIN" --main_process_port "$NS_PORT" "$@"' bash)
 }
 
-# The run's resume step, max_steps and directory; a config that does not validate: one line, exit 2.
+# The run's resume step, max_steps and directory (`--manifest M --pack I`: a pack's, summed over its runs); a config
+# that does not validate: one line, exit 2.
 progress() { "$NORMSCALE_PYTHON" -m normscale.sweep progress "$@"; }
 
 # check ENTRY OVERRIDES...: validate a command's config once, before any process of it starts (one line, exit 2).
 check() { "$NORMSCALE_PYTHON" -m normscale.cli check "$@"; }
 
 # train_requeueable FORWARD OVERRIDES...: `"${launcher[@]}" -m normscale.train OVERRIDES...`, requeued when preempted.
+# train_requeueable FORWARD --pack MANIFEST I: the same for pack I of a sweep manifest, `"${launcher[@]}" -m
+# normscale.sweep train-pack --manifest MANIFEST --index I` (its runs in one process), its progress summed over them.
 # The config is validated once, by the first `progress` (a bad one: its one line, and the function returns 2 before
 # anything starts); the launched command is told so (NORMSCALE_CHECKED=1: launch/cpu.sh does not check again).
 # The launched command ignores USR1 (a launcher such as torch elastic's would die of it; normscale.train installs
@@ -67,13 +70,18 @@ check() { "$NORMSCALE_PYTHON" -m normscale.cli check "$@"; }
 # starting up ignores it, so it is sent again). The job is requeued when the run saved resume state short of
 # max_steps, whatever the launcher's exit code; else the function returns the run's exit status.
 train_requeueable() {
-  local forward=$1 before after max run_dir child status checked
+  local forward=$1 before after max run_dir child status checked what command
   shift
-  checked=$(progress "$@") || return $?
+  if [[ ${1:-} == --pack ]]; then
+    what=(--manifest "$2" --pack "$3") command=(-m normscale.sweep train-pack --manifest "$2" --index "$3")
+  else
+    what=("$@") command=(-m normscale.train "$@")
+  fi
+  checked=$(progress "${what[@]}") || return $?
   read -r before max run_dir <<< "$checked"
   preempted=0
   trap 'preempted=1' USR1
-  (trap '' USR1; export NORMSCALE_CHECKED=1; exec "${launcher[@]}" -m normscale.train "$@") &
+  (trap '' USR1; export NORMSCALE_CHECKED=1; exec "${launcher[@]}" "${command[@]}") &
   child=$!
   while kill -0 "$child" 2>/dev/null; do
     if (( preempted )); then "$forward" "$child"; sleep 2; else sleep 1; fi
@@ -81,9 +89,9 @@ train_requeueable() {
   wait "$child" && status=0 || status=$?
   trap - USR1
   (( preempted )) || return "$status"
-  read -r after max run_dir < <(progress "$@" || echo "-1 -1 ?")
+  read -r after max run_dir < <(progress "${what[@]}" || echo "-1 -1 ?")
   if (( after > before && after < max )); then
-    echo "normscale: preempted; the run saved its resume state at step $after ($run_dir); requeueing job $SLURM_JOB_ID"
+    echo "normscale: preempted; resume state saved at step $after of $max ($run_dir); requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
   fi

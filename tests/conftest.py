@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,37 @@ def run_module(module: str, *args: str, cwd=None, env=None, timeout=300) -> subp
 @pytest.fixture
 def cache_dir(tmp_path):
     return tmp_path / "cache"
+
+
+# ---------------------------------------------------------------- a real local SLURM cluster (tools/local_slurm.sh)
+
+
+def cluster_problem(started: Path) -> str | None:
+    """Why no local SLURM cluster is usable here (None when it is), starting one where possible (the daemons it
+    starts are listed in `started`)."""
+    if shutil.which("sinfo") and subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "status"],
+                                                capture_output=True).returncode == 0:
+        return None
+    if os.geteuid() != 0:
+        return "tools/local_slurm.sh needs root to install and start slurm, munge and mariadb"
+    start = subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "start", "--started", str(started)],
+                           capture_output=True, text=True)
+    return None if start.returncode == 0 else f"tools/local_slurm.sh start failed: {start.stderr[-500:]}"
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    started = tmp_path_factory.mktemp("local_slurm") / "started"
+
+    def stop_what_was_started():  # exactly the daemons this session started (also after a failed start)
+        if started.exists():
+            subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "stop", "--started", str(started)], check=True)
+
+    problem = cluster_problem(started)
+    if problem:
+        stop_what_was_started()
+        if os.environ.get("NORMSCALE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"NORMSCALE_REQUIRE_SLURM=1 but no local SLURM cluster: {problem}")
+        pytest.skip(f"no local SLURM cluster: {problem}")
+    yield
+    stop_what_was_started()

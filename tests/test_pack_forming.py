@@ -190,16 +190,6 @@ def test_a_pack_stopped_mid_way_then_run_again_ends_as_the_solo_runs(solo_longer
         assert strip((run / "train_metrics.jsonl").read_text()) == strip((twin / "train_metrics.jsonl").read_text())
 
 
-def test_the_planner_prints_packs_and_refuses_to_submit_them_until_array_packs_exist(tmp_path):
-    args = ["task_kwargs.num_tasks=2,4,8", "pack=2"]
-    shown = run_module("normscale.sweep", "plan", *args, env={"CACHE_DIR": str(tmp_path)})
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    assert "pack   0  points 0, 1\npack   1  points 2\n" in shown.stdout and "would submit" not in shown.stdout
-    submitted = run_module("normscale.sweep", "plan", "--submit", *args, env={"CACHE_DIR": str(tmp_path)})
-    assert submitted.returncode == 2 and "submitting packs as array tasks is not built yet" in submitted.stderr
-    assert not (tmp_path / "experiments").exists()
-
-
 def test_a_pack_under_a_multi_process_launch_is_refused_before_any_work(tmp_path):
     """Packs train in one process; a launch of several (here rank 0 of 2, as torchrun or accelerate would set it) is
     refused with one line before anything is written or any process group is formed."""
@@ -208,3 +198,16 @@ def test_a_pack_under_a_multi_process_launch_is_refused_before_any_work(tmp_path
     assert result.returncode == 2, result.stderr[-2000:]
     assert "pack=2 under a launch of 2 processes" in result.stderr
     assert not (tmp_path / "experiments" / "balls_and_urns" / "packed" / "runs").exists()
+
+
+def test_the_planner_resolves_pack_auto_for_cpu_tasks_and_refuses_it_for_gpu_tasks(tmp_path):
+    """An array task's pack size must be known when it is planned: auto is 1 for CPU tasks; for GPU tasks it depends
+    on a GPU the planner cannot see, so it is refused with one line."""
+    args = ["plan", "task_kwargs.num_tasks=2,4,8", "pack=auto"]
+    cpu = run_module("normscale.sweep", *args, env={"CACHE_DIR": str(tmp_path), "NORMSCALE_GPUS_PER_TASK": "0"})
+    assert cpu.returncode == 0, cpu.stderr[-2000:]
+    assert "array tasks without a GPU train one run each" in cpu.stdout and "pack   0" not in cpu.stdout
+    assert "--array=0-2" in cpu.stdout
+    gpu = run_module("normscale.sweep", *args, env={"CACHE_DIR": str(tmp_path), "NORMSCALE_GPUS_PER_TASK": "1"})
+    assert gpu.returncode == 2 and "pack=auto is chosen from the free memory of the GPU" in gpu.stderr
+    assert "Traceback" not in gpu.stderr

@@ -3,9 +3,10 @@ slurm/sweep.sh, the Hydra submitit launcher, preemption and requeue (one and two
 failing tasks, frozen manifests, the slurm/submit wrapper, multi-node as two tasks.
 
 Skipped only when no local cluster can be started here (the reason is given); `.ci/run` starts one and sets
-NORMSCALE_REQUIRE_SLURM=1, under which a missing cluster fails instead. A cluster this module starts is stopped at
-the end of the session (only the daemons it started). Job logs are read with errors="replace": the tasks of one
-job write to one file at once, so the bytes of multi-byte characters (tqdm's bars) can interleave."""
+NORMSCALE_REQUIRE_SLURM=1, under which a missing cluster fails instead. A cluster the session starts (the `cluster`
+fixture, conftest.py) is stopped at its end (only the daemons it started). Job logs are read with errors="replace":
+the tasks of one job write to one file at once, so the bytes of multi-byte characters (tqdm's bars) can
+interleave."""
 import json
 import os
 import re
@@ -209,37 +210,6 @@ def test_a_bad_point_or_flag_of_a_sweep_command_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------- on the real local cluster
-
-
-def cluster_problem(started: Path) -> str | None:
-    """Why no local SLURM cluster is usable here (None when it is), starting one where possible (the daemons it
-    starts are listed in `started`)."""
-    if shutil.which("sinfo") and subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "status"],
-                                                capture_output=True).returncode == 0:
-        return None
-    if os.geteuid() != 0:
-        return "tools/local_slurm.sh needs root to install and start slurm, munge and mariadb"
-    start = subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "start", "--started", str(started)],
-                           capture_output=True, text=True)
-    return None if start.returncode == 0 else f"tools/local_slurm.sh start failed: {start.stderr[-500:]}"
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    started = tmp_path_factory.mktemp("local_slurm") / "started"
-
-    def stop_what_was_started():  # exactly the daemons this session started (also after a failed start)
-        if started.exists():
-            subprocess.run(["bash", str(ROOT / "tools/local_slurm.sh"), "stop", "--started", str(started)], check=True)
-
-    problem = cluster_problem(started)
-    if problem:
-        stop_what_was_started()
-        if os.environ.get("NORMSCALE_REQUIRE_SLURM") == "1":
-            pytest.fail(f"NORMSCALE_REQUIRE_SLURM=1 but no local SLURM cluster: {problem}")
-        pytest.skip(f"no local SLURM cluster: {problem}")
-    yield
-    stop_what_was_started()
 
 
 def env_for(cache: Path, **extra) -> dict:
