@@ -6,8 +6,8 @@
                                                                             conflicting points
     python -m normscale.sweep point  --manifest PATH --index I             one point's overrides, one per line
     python -m normscale.sweep progress <overrides>                         one run's resume step, max_steps, directory
-    python -m normscale.sweep progress --manifest PATH --pack I            the same, summed over a pack's runs
-    python -m normscale.sweep train-pack --manifest PATH --index I         train pack I of a manifest in this process
+    python -m normscale.sweep progress --manifest PATH --task I            the same, summed over an array task's packs
+    python -m normscale.sweep train-pack --manifest PATH --index I         train array task I's packs (--pack K: one)
 
 The grid is the experiment preset's `hydra.sweeper.params` crossed with the command line's `-m`-style overrides
 (comma lists; the command line wins for a key in both), exactly the points `python -m normscale.train -m` runs,
@@ -21,8 +21,9 @@ resubmitted task maps to the same point even if the preset changed since. Site s
 GPUs and CPUs per task) come from slurm/site.env (the one place to edit them; the environment wins).
 
 With pack=N > 1 the manifest also records the packs the unfinished points form (normscale.pack.forming: lists of
-point indices), the array has one task per pack, and array task i of a chunk trains pack offset + i in one process
-(`train-pack`, which slurm/sweep.sh runs; `progress --pack` is what its requeue rule compares).
+point indices), and each array task trains G packs, one process each (G = NORMSCALE_PROCESSES_PER_TASK, else the
+task's GPUs, one per process, else 1): array task i of a chunk trains packs (offset + i) G .. (offset + i) G + G - 1
+(`train-pack`, which slurm/sweep.sh runs; `progress --task` is what its requeue rule compares).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import shutil
 import subprocess
 import sys
@@ -198,25 +200,26 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
     res = resources()
     size = array_pack_size(points[0].config.pack, res)
     packs = show_packs([points[i] for i in todo], todo, size) if size > 1 else None
-    if packs:
-        check_one_process(size, res)
+    per_task = processes_per_task(res) if packs else 1
     throttle = int(res["throttle"]) if throttle is None else throttle
     experiment = experiment_dir(points[0].config)
     record = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "overrides": overrides,
               "points": [p.overrides for p in points], "run_dirs": [str(p.run_dir) for p in points],
-              "submitted": todo, **({"packs": packs} if packs else {}), "resources": res, "throttle": throttle,
+              "submitted": todo, **({"packs": packs, "packs_per_task": per_task} if packs else {}),
+              "resources": res, "throttle": throttle,
               "jobs": []}
     digest = hashlib.sha256(json.dumps(record["points"]).encode()).hexdigest()[:8]
     manifest = sweep_manifest(experiment, time.strftime('%Y%m%d-%H%M%S'), digest)
-    tasks = list(range(len(packs))) if packs else todo  # array task -> pack, or -> point
+    tasks = list(range(-(-len(packs) // per_task))) if packs else todo  # array task -> its packs, or -> point
     arrays = [(offset, ids, sbatch_command(manifest, offset, ids, experiment.name, res, throttle, bool(packs)))
               for offset, ids in chunks(tasks, max_array_size())]
     if not submit:
         for _, _, command in arrays:
             print(f"normscale: would submit: {shlex.join(command)}")
         print("normscale: `plan --submit` (or sbatch slurm/sweep.sh with the same overrides) writes that manifest "
-              "and submits" + ("; each array task trains one pack in one process (`python -m normscale.train -m "
-                               "<the same overrides>` trains them all here)" if packs else ""))
+              "and submits" + (f"; each array task trains {per_task} pack(s), one process (and GPU) each "
+                               "(`python -m normscale.train -m <the same overrides>` trains them all here)"
+                               if packs else ""))
         return None
     sweep_logs_dir(manifest).mkdir(parents=True, exist_ok=True)
     write_json(manifest, record)  # frozen before any task can start
@@ -224,7 +227,7 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
         job_id = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
         record["jobs"].append({"job_id": job_id, "offset": offset, "array": array_spec(task_ids)})
         print(f"normscale: submitted array job {job_id} (--array={array_spec(task_ids)}, offset {offset}"
-              f"{', a pack per task' if packs else ''}); logs {sweep_log(manifest, f'{job_id}_<task>')}")
+              f"{f', {per_task} pack(s) per task' if packs else ''}); logs {sweep_log(manifest, f'{job_id}_<task>')}")
     write_json(manifest, record)
     print(f"normscale: manifest {manifest}")
     return manifest
@@ -260,15 +263,17 @@ def array_pack_size(pack: int | str, res: dict) -> int:
     return 1
 
 
-def check_one_process(size: int, res: dict) -> None:
-    """A pack trains in one process (train.train_pack refuses more): an array task set up for several (slurm/sweep.sh
-    starts NORMSCALE_PROCESSES_PER_TASK, else one per GPU) is refused before anything is written."""
+def processes_per_task(res: dict) -> int:
+    """How many packs an array task trains, one process each: NORMSCALE_PROCESSES_PER_TASK, else one per GPU of the
+    task (each process sees one GPU), else one."""
     gpus = int(res["gpus_per_task"])
-    processes = int(os.environ.get("NORMSCALE_PROCESSES_PER_TASK") or (gpus if gpus > 1 else 1))
-    if processes > 1:
-        raise ConfigError(f"pack={size} with {processes} processes per array task (NORMSCALE_PROCESSES_PER_TASK, "
-                          f"NORMSCALE_GPUS_PER_TASK={gpus}): a pack trains in one process for now; set "
-                          "NORMSCALE_PROCESSES_PER_TASK=1 and at most one GPU per task, or drop pack=")
+    return int(os.environ.get("NORMSCALE_PROCESSES_PER_TASK") or max(gpus, 1))
+
+
+def task_packs(record: dict, task: int) -> list[int]:
+    """The pack indices array task `task` (offset included) of a packed manifest trains."""
+    per_task = record.get("packs_per_task", 1)
+    return list(range(task * per_task, min((task + 1) * per_task, len(record["packs"]))))
 
 
 def read_manifest(manifest: Path) -> dict:
@@ -286,12 +291,18 @@ def point(manifest: Path, index: int) -> list[str]:
     return points[index]
 
 
-def pack_points(manifest: Path, index: int) -> dict[int, Point]:
-    """{sweep index: point} of pack `index` of a packed manifest, each point validated (as progress validates one)."""
+def read_packed(manifest: Path) -> dict:
+    """A packed sweep's manifest (ConfigError for one without packs)."""
     record = read_manifest(manifest)
     if "packs" not in record:
         raise ConfigError(f"{manifest} has no packs (submitted without pack=N > 1): its array tasks train one point "
                           "each; use `sweep point` / `sweep progress <overrides>`")
+    return record
+
+
+def pack_points(manifest: Path, index: int) -> dict[int, Point]:
+    """{sweep index: point} of pack `index` of a packed manifest, each point validated (as progress validates one)."""
+    record = read_packed(manifest)
     packs = record["packs"]
     if not 0 <= index < len(packs):
         raise ConfigError(f"pack index {index} is outside {manifest} ({len(packs)} packs)")
@@ -309,17 +320,44 @@ def progress(overrides: list[str]) -> str:
     return f"{run.step() or 0} {run.max_steps} {run.run_dir}"
 
 
-def pack_progress(manifest: Path, index: int) -> str:
-    """`progress` of a pack: resume steps and max_steps summed over its runs, and a label. The same requeue rule
-    holds: the pack saved progress (the sum grew) and is not complete (the sum is short of the max)."""
-    points = pack_points(manifest, index).values()
+def pack_progress(manifest: Path, task: int) -> str:
+    """`progress` of an array task of packs: resume steps and max_steps summed over the runs of its packs, and a
+    label. The same requeue rule holds: the task saved progress (the sum grew) and is not complete (the sum is short
+    of the max)."""
+    packs = task_packs(read_packed(manifest), task)
+    points = [p for k in packs for p in pack_points(manifest, k).values()]
     return (f"{sum(p.step() or 0 for p in points)} {sum(p.max_steps for p in points)} "
-            f"pack {index} of {manifest} ({len(points)} runs, steps summed)")
+            f"pack(s) {', '.join(map(str, packs))} of {manifest} ({len(points)} runs, steps summed)")
 
 
-def train_pack_task(manifest: Path, index: int) -> None:
-    """Array task of a packed sweep: pack `index`'s points, all validated first, trained in this process
-    (normscale.train.train_pack). Ends as a `-m` sweep with skipped points does: the most telling exit code."""
+def train_pack_task(manifest: Path, task: int) -> None:
+    """Array task `task` of a packed sweep: its one pack trained in this process (train_pack_here), or its several
+    packs in one process each, on one GPU each when the task has GPUs (CUDA_VISIBLE_DEVICES). Signals reach every
+    pack process (they save and stop); the task ends with the most telling of their exit codes."""
+    packs = task_packs(read_packed(manifest), task)
+    if not packs:
+        raise ConfigError(f"array task {task} is outside {manifest} (no pack left for it)")
+    if len(packs) == 1:
+        return train_pack_here(manifest, packs[0])
+    for k in packs:
+        pack_points(manifest, k)  # every point validated before any process starts
+    gpus = int(os.environ.get("SLURM_GPUS_ON_NODE") or 0)
+    children = [subprocess.Popen([sys.executable, "-m", "normscale.sweep", "train-pack", "--manifest", str(manifest),
+                                  "--pack", str(k)], env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(g)} if gpus
+                                                                             else {})})
+                for g, k in enumerate(packs)]
+    forward = lambda signum, frame: [child.send_signal(signum) for child in children]  # noqa: E731
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, forward)
+    codes = [child.wait() for child in children]
+    failed = [c for c in codes if c]
+    if failed:
+        sys.exit(next((c for c in (3, 2, 75) if c in failed), failed[0]))
+
+
+def train_pack_here(manifest: Path, index: int) -> None:
+    """Pack `index`'s points, all validated first, trained in this process (normscale.train.train_pack). Ends as a
+    `-m` sweep with skipped points does: the most telling exit code."""
     points = pack_points(manifest, index)
     for i, p in points.items():
         print(f"normscale: pack {index}, point {i}: {' '.join(p.overrides)}")
@@ -366,7 +404,9 @@ def status(overrides: list[str], manifest: Path | None) -> dict[str, list[int]]:
     for job in record["jobs"]:
         task_ids = [int(t) for part in job["array"].split(",") for t in _expand(part)]
         for task in task_ids:
-            for i in packs[job["offset"] + task] if packs else [job["offset"] + task]:
+            members = [i for k in task_packs(record, job["offset"] + task) for i in packs[k]] if packs else \
+                [job["offset"] + task]
+            for i in members:
                 by_index[i] = f"{job['job_id']}_{task}"
     states = slurm_states([j["job_id"] for j in record["jobs"]])
     groups = {"finished": [], "running": [], "failed": [], "missing": [], "conflict": []}
@@ -412,14 +452,15 @@ def main() -> None:
     p_point = sub.add_parser("point", help="one point's overrides (used by slurm/sweep.sh)")
     p_point.add_argument("--manifest", type=Path, required=True)
     p_point.add_argument("--index", type=int, required=True)
-    p_progress = sub.add_parser("progress", help="one run's (or with --pack a pack's) resume step, max_steps and "
-                                                 "directory (used by slurm/common.sh)")
+    p_progress = sub.add_parser("progress", help="one run's (or with --task the packs of an array task's) resume "
+                                                 "step, max_steps and directory (used by slurm/common.sh)")
     p_progress.add_argument("--manifest", type=Path)
-    p_progress.add_argument("--pack", type=int)
+    p_progress.add_argument("--task", type=int)
     p_train = sub.add_parser("train-pack", help="train one pack of a manifest in this process (used by "
                                                 "slurm/sweep.sh)")
     p_train.add_argument("--manifest", type=Path, required=True)
-    p_train.add_argument("--index", type=int, required=True)
+    p_train.add_argument("--index", type=int, help="the array task (its packs)")
+    p_train.add_argument("--pack", type=int, help="one pack, trained in this process")
     args, overrides = parser.parse_known_args()
     if any(a in ("-m", "--multirun") for a in overrides):
         fail(f"python -m normscale.sweep {args.command} always sweeps: list a key's values as a comma list "
@@ -433,16 +474,21 @@ def main() -> None:
             plan(overrides, args.submit, args.throttle)
         elif args.command == "status":
             status(overrides, args.manifest)
-        elif args.command == "progress" and (args.manifest or args.pack is not None):
-            if args.manifest is None or args.pack is None or overrides:
-                raise ConfigError("progress of a pack takes --manifest PATH --pack I and no overrides")
-            print(pack_progress(args.manifest, args.pack))
+        elif args.command == "progress" and (args.manifest or args.task is not None):
+            if args.manifest is None or args.task is None or overrides:
+                raise ConfigError("progress of a pack task takes --manifest PATH --task I and no overrides")
+            print(pack_progress(args.manifest, args.task))
         elif args.command == "progress":
             print(progress(overrides))
         elif args.command == "train-pack":
             if overrides:
                 raise ConfigError(f"train-pack takes its points from the manifest, not overrides ({overrides[0]})")
-            train_pack_task(args.manifest, args.index)
+            if (args.index is None) == (args.pack is None):
+                raise ConfigError("train-pack takes --manifest PATH and one of --index TASK or --pack I")
+            if args.pack is not None:
+                train_pack_here(args.manifest, args.pack)
+            else:
+                train_pack_task(args.manifest, args.index)
         else:
             print("\n".join(point(args.manifest, args.index)))
     except NormscaleError as error:

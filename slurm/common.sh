@@ -52,7 +52,7 @@ machine_launcher() {
       --main_process_ip "$NS_MAIN" --main_process_port "$NS_PORT" "$@"' bash)
 }
 
-# The run's resume step, max_steps and directory (`--manifest M --pack I`: a pack's, summed over its runs); a config
+# The run's resume step, max_steps and directory (`--manifest M --task I`: summed over the runs of a pack task); a config
 # that does not validate: one line, exit 2.
 progress() { "$NORMSCALE_PYTHON" -m normscale.sweep progress "$@"; }
 
@@ -60,8 +60,9 @@ progress() { "$NORMSCALE_PYTHON" -m normscale.sweep progress "$@"; }
 check() { "$NORMSCALE_PYTHON" -m normscale.cli check "$@"; }
 
 # train_requeueable FORWARD OVERRIDES...: `"${launcher[@]}" -m normscale.train OVERRIDES...`, requeued when preempted.
-# train_requeueable FORWARD --pack MANIFEST I: the same for pack I of a sweep manifest, `"${launcher[@]}" -m
-# normscale.sweep train-pack --manifest MANIFEST --index I` (its runs in one process), its progress summed over them.
+# train_requeueable FORWARD --pack MANIFEST I: the same for array task I of a packed sweep manifest, `"${launcher[@]}"
+# -m normscale.sweep train-pack --manifest MANIFEST --index I` (each of its packs in one process), its progress summed
+# over their runs.
 # The config is validated once, by the first `progress` (a bad one: its one line, and the function returns 2 before
 # anything starts); the launched command is told so (NORMSCALE_CHECKED=1: launch/cpu.sh does not check again).
 # The launched command ignores USR1 (a launcher such as torch elastic's would die of it; normscale.train installs
@@ -73,7 +74,7 @@ train_requeueable() {
   local forward=$1 before after max run_dir child status checked what command
   shift
   if [[ ${1:-} == --pack ]]; then
-    what=(--manifest "$2" --pack "$3") command=(-m normscale.sweep train-pack --manifest "$2" --index "$3")
+    what=(--manifest "$2" --task "$3") command=(-m normscale.sweep train-pack --manifest "$2" --index "$3")
   else
     what=("$@") command=(-m normscale.train "$@")
   fi

@@ -6,9 +6,10 @@
 # it trains point offset + i of the manifest: one process, or under `accelerate launch` with one process per GPU
 # when the task has several (NORMSCALE_PROCESSES_PER_TASK > 1 without GPUs: CPU processes over gloo). With pack=N > 1
 # the manifest also lists the packs the unfinished points form (runs of one shape, at most N each) and array task i
-# (NORMSCALE_SWEEP_PACKS=1) trains pack offset + i in one process (`python -m normscale.sweep train-pack`), each run
-# into its own run directory. On the warning signal the run (every run of the pack) saves its resume state, the task
-# requeues itself, and the requeued task resumes the same run(s).
+# (NORMSCALE_SWEEP_PACKS=1) trains its packs (`python -m normscale.sweep train-pack`), one process each: one pack, or
+# one per GPU of the task (NORMSCALE_PROCESSES_PER_TASK overrides), each run into its own run directory. On the
+# warning signal the run (every run of the packs) saves its resume state, the task requeues itself, and the requeued
+# task resumes the same run(s).
 # The planning job validates every point (`sweep plan`: one line, exit 2, nothing submitted); an array task validates
 # its point (every point of its pack) once before it starts training (train_requeueable in common.sh).
 #SBATCH --job-name=ns-sweep-plan
@@ -25,10 +26,10 @@ fi
 index=$((NORMSCALE_SWEEP_OFFSET + SLURM_ARRAY_TASK_ID))
 log=${NORMSCALE_SWEEP_LOG//%A/$SLURM_ARRAY_JOB_ID}  # sbatch's --output pattern (normscale.layout.sweep_log)
 log=${log//%a/$SLURM_ARRAY_TASK_ID}
-if [[ -n "${NORMSCALE_SWEEP_PACKS:-}" ]]; then  # task i trains pack offset + i, in one process (as the planner checked)
-  what="pack $index" args=(--pack "$NORMSCALE_SWEEP_MANIFEST" "$index") launcher=("$NORMSCALE_PYTHON")
-  echo "normscale: sweep pack $index (job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}," \
-    "restart ${SLURM_RESTART_COUNT:-0}, 1 process)"
+if [[ -n "${NORMSCALE_SWEEP_PACKS:-}" ]]; then  # task i trains its packs, one process each (normscale.sweep)
+  what="pack task $index" args=(--pack "$NORMSCALE_SWEEP_MANIFEST" "$index") launcher=("$NORMSCALE_PYTHON")
+  echo "normscale: sweep pack task $index (job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}," \
+    "restart ${SLURM_RESTART_COUNT:-0})"
 else
   mapfile -t args < <("$NORMSCALE_PYTHON" -m normscale.sweep point --manifest "$NORMSCALE_SWEEP_MANIFEST" --index "$index")
   what="point $index (${args[*]})"
