@@ -9,7 +9,7 @@ Canonical balls and urns (V=8, C=128, batch 64), the transformer (1 layer, 1 hea
 pack sizes --runs, --threads torch threads (1 by default: on a 2-core machine shared with other jobs, 2 OpenMP
 threads spin against the other load and a step takes ~40x longer); runs differ in seed, D and learning rate. Each
 (width, N, engine) runs in its own child process, --rounds times in alternating order (medians shown): --steps
-timed steps (--steps-64 at N=64 and above) after --warmup untimed ones, on batches made before timing (each run's
+timed steps (--steps-n64 at N >= 64) after --warmup untimed ones, on batches made before timing (each run's
 own MixtureDataset, DISTINCT_BATCHES step batches cycled). Memory: the peak resident set (ru_maxrss) of the child
 minus its peak before the loops were built (data and imports excluded), and the bytes of parameters + gradients +
 AdamW moments of the N runs (analytic: 4 x parameters x N, fp32).
