@@ -4,12 +4,13 @@ Sections, in this order, each in a process of its own under a time limit: one th
 its error and the next one runs. As each finishes it writes DIR/<section>.json and rewrites the summary DIR/GPU.md;
 at the end docs/GPU.md gets the summary (device, command, date, a table per section).
 
-  pack                aggregate run-steps/s of a pack (StackedRuns) against the same runs one after another in one
-                      process (SequentialRuns, and `in_turn`: solo loops with no host synchronisation), N = 1, 8, 64
-                      at widths 64 and 256; from them the projected wall time of the categorical sweep (297 runs x 1e5
-                      steps) on this device
+  pack                aggregate run-steps/s of a pack stacked against the same runs trained one after another by
+                      normscale's own loop in one process (normscale.train.run_loops, stacked and in turn), N = 1, 8,
+                      64 at widths 64 and 256; from them the projected wall time of the categorical sweep (297 runs x
+                      1e5 steps) on this device
   solo_processes      the pack of N = 8 against 8 processes sharing the GPU at once, each training one of its runs
-  packed_equals_solo  every run of tests/test_pack.py's packs against its solo run (SequentialRuns), on the device
+  packed_equals_solo  every run of tests/test_pack.py's packs stacked against its solo run (run_loops in turn), on the
+                      device
   llm                 candidate-only scoring (LLMScorer) against full-vocabulary logits: throughput and peak memory of
                       a randomly initialised Llama-3.1-8B-shaped model built on the GPU in bf16 (no download)
   generate            `python -m normscale.train` with data_kwargs.source=generate on the device, against shards
@@ -48,7 +49,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 SWEEP_RUNS, SWEEP_STEPS = 297, 100_000  # the paper's categorical sweep
 TOTAL_BUDGET_S = {False: 450, True: 300}  # no section starts past it; 8 minutes less start-up on the device
 MIN_SECTION_S = 20  # a section that would get less is skipped
-ENGINES = ("stacked", "sequential", "in_turn")
 # Only the end-of-run evaluation of these runs is shortened (an execution key: the data stay the same).
 EVAL = ["eval_kwargs.num_eval_batches=1"]
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -97,35 +97,38 @@ def rounds_order(items, round_index: int) -> list:
 # ------------------------------------------------------------------------------------------------------ sections
 
 def pack(check: Check) -> tuple[dict, list[str]]:
+    import gc
+
     import torch
-    from bench_pack import build_engine, pack_configs, run_batches, time_steps
+    from bench_pack import ENGINES, build_loops, pack_configs, run_batches, time_loops
     widths, counts = check.pick(((64, 256), (1, 8, 64)), ((16, 32), (1, 4)))
     run_steps, min_steps, warmup, rounds = check.pick((256, 5, 3, 3), (8, 2, 1, 1))
     rows = []
     for width in widths:
         for n in counts:
-            configs = pack_configs(width, n)
-            run_settings, batches = run_batches(configs, check.device)
             steps = max(run_steps // n, min_steps)
-            engines = {e: build_engine(e, configs, run_settings, check.device) for e in ENGINES}
+            configs = pack_configs(width, n, warmup + steps)
+            batches = run_batches(configs)
             row = {"width": width, "N": n, "timed_steps": steps, "run_steps_per_s": {e: [] for e in ENGINES},
                    "step_peak_gib": {}}
             for r in range(rounds):
                 for e in rounds_order(ENGINES, r):
+                    loops = build_loops(configs, batches)  # fresh each time: run_loops trains them to max_steps
                     if check.device == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                         before = torch.cuda.memory_allocated()
-                    seconds = time_steps(engines[e], batches, steps, warmup, check.device)
+                    seconds = time_loops(loops, e == "stacked", warmup)
                     row["run_steps_per_s"][e].append(n * steps / seconds)
                     if check.device == "cuda":
                         row["step_peak_gib"][e] = (torch.cuda.max_memory_allocated() - before) / 2 ** 30
+                    del loops
+                    gc.collect()  # a stacked pack's loops and stack refer to each other
+                    if check.device == "cuda":
+                        torch.cuda.empty_cache()
             row["median"] = {e: median(v) for e, v in row["run_steps_per_s"].items()}
             rows.append(row)
             print(f"width {width} N {n}: {row['median']}", flush=True)
-            del engines, batches
-            if check.device == "cuda":
-                torch.cuda.empty_cache()
-            lines = pack_markdown(rows, widths[0], rounds)
+            lines = pack_markdown(rows, rounds)
             check.save({"rows": rows}, lines)
     projection = []
     for e in ENGINES:
@@ -133,7 +136,7 @@ def pack(check: Check) -> tuple[dict, list[str]]:
         projection.append({"engine": e, "width": widths[0], "N": best["N"], "run_steps_per_s": best["median"][e],
                            "hours": hours(best["median"][e])})
     results = {"rows": rows, "projection": {"runs": SWEEP_RUNS, "steps": SWEEP_STEPS, "rows": projection}}
-    lines = pack_markdown(rows, widths[0], rounds) + [
+    lines = pack_markdown(rows, rounds) + [
         "", f"Projected wall time of the categorical sweep ({SWEEP_RUNS} runs x {SWEEP_STEPS:,} steps, all at width "
         f"{widths[0]}, MLP x4) from each execution's best measured aggregate rate at width {widths[0]}:", "",
         "| execution | at N | run-steps/s | sweep wall time (h) |", "|---|---:|---:|---:|",
@@ -141,35 +144,35 @@ def pack(check: Check) -> tuple[dict, list[str]]:
     return results, lines
 
 
-def pack_markdown(rows: list[dict], width: int, rounds: int) -> list[str]:
+def pack_markdown(rows: list[dict], rounds: int) -> list[str]:
     lines = [f"Canonical urns (V=8, C=128, batch 64), 1-layer transformer; runs differ in seed, D and learning rate. "
-             f"Aggregate run-steps/s, medians of {rounds} interleaved rounds (every round in pack.json). stacked: "
-             "StackedRuns (one vmapped step for all N runs); sequential: SequentialRuns (solo models and AdamW in "
-             "turn, each run's objectives and norm copied to the host); in_turn: the same solo steps with no host "
-             "copy. Step peak: memory a step allocates above what was held before it (activations, gradients).", "",
-             "| width | N | timed steps | stacked | sequential | in_turn | stacked / sequential | stacked / in_turn "
-             "| step peak stacked / in_turn (GiB) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"Aggregate run-steps/s, medians of {rounds} interleaved rounds (every round in pack.json), each on "
+             "fresh loops built as normscale.train builds them. stacked: normscale.train.run_loops(loops, "
+             "stacked=True) (one vmapped step for all N runs); in_turn: run_loops(loops) (normscale's own step for "
+             "each run in turn: what N solo runs sharing the device would at best do). Step peak: memory run_loops "
+             "allocates above the built loops (activations, gradients; stacked: also the stack's weights and AdamW "
+             "moments).", "",
+             "| width | N | timed steps | stacked | in_turn | stacked / in_turn | step peak stacked / in_turn (GiB) |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         m, peak = r["median"], r["step_peak_gib"]
         peaks = f"{peak['stacked']:.2f} / {peak['in_turn']:.2f}" if peak else "-"
-        lines.append(f"| {r['width']} | {r['N']} | {r['timed_steps']} | {m['stacked']:.1f} | {m['sequential']:.1f} "
-                     f"| {m['in_turn']:.1f} | {m['stacked'] / m['sequential']:.2f}x "
+        lines.append(f"| {r['width']} | {r['N']} | {r['timed_steps']} | {m['stacked']:.1f} | {m['in_turn']:.1f} "
                      f"| {m['stacked'] / m['in_turn']:.2f}x | {peaks} |")
     return lines
 
 
 def solo_processes(check: Check) -> tuple[dict, list[str]]:
-    from bench_pack import build_engine, pack_configs, run_batches, time_steps
+    from bench_pack import build_loops, pack_configs, run_batches, time_loops
     n, width, steps, warmup, rounds = check.pick((8, 64, 200, 10, 2), (2, 16, 6, 2, 1))
-    configs = pack_configs(width, n)
-    run_settings, batches = run_batches(configs, check.device)
-    stacked = build_engine("stacked", configs, run_settings, check.device)
+    configs = pack_configs(width, n, warmup + steps)
+    batches = run_batches(configs)
     rates = {"stacked": [], "processes": []}
     per_process = []
     for r in range(rounds):
         for what in rounds_order(rates, r):
             if what == "stacked":
-                rates[what].append(n * steps / time_steps(stacked, batches, steps, warmup, check.device))
+                rates[what].append(n * steps / time_loops(build_loops(configs, batches), True, warmup))
             else:
                 spans = run_solo_processes(check, n, width, steps, warmup)
                 rates[what].append(n * steps / (max(end for _, end in spans) - min(start for start, _ in spans)))
@@ -179,8 +182,9 @@ def solo_processes(check: Check) -> tuple[dict, list[str]]:
     m = {k: median(v) for k, v in rates.items()}
     results = {"N": n, "width": width, "steps_per_run": steps, "run_steps_per_s": rates, "median": m,
                "per_process_steps_per_s": per_process, "sweep_hours": {k: hours(v) for k, v in m.items()}}
-    lines = [f"The pack of N={n} runs at width {width} (StackedRuns, one process) against {n} processes started at "
-             f"once, each training one of the same runs (solo steps, no host copy), sharing the GPU; {steps} timed "
+    lines = [f"The pack of N={n} runs at width {width} (run_loops stacked, one process) against {n} processes started "
+             f"at once, each training one of the same runs by normscale's loop (run_loops of its Loop), sharing the "
+             f"GPU; {steps} timed "
              f"steps per run after {warmup} warm-up steps, the processes released together once all are warm. "
              f"Aggregate: N x steps over the span from the first start to the last end. Medians of {rounds} "
              "interleaved rounds.",
@@ -222,50 +226,34 @@ def run_solo_processes(check: Check, n: int, width: int, steps: int, warmup: int
 def solo_worker(check: Check, k: int, width: int, steps: int, warmup: int) -> None:
     """One run of the pack trained alone in this process; prints "ready" when warm, waits for a line on stdin, then
     times its steps and prints [start, end] (time.monotonic, comparable across processes)."""
-    from bench_pack import build_engine, pack_configs, run_batches, time_steps
-    configs = pack_configs(width, 1, first=k)
-    run_settings, batches = run_batches(configs, check.device)
-    engine = build_engine("in_turn", configs, run_settings, check.device)
+    from bench_pack import build_loops, pack_configs, run_batches, time_loops
+    configs = pack_configs(width, 1, warmup + steps, first=k)
+    loops = build_loops(configs, run_batches(configs))
 
     def ready():
         print("ready", flush=True)
         sys.stdin.readline()
 
-    seconds = time_steps(engine, batches, steps, warmup, check.device, ready)
+    seconds = time_loops(loops, False, warmup, ready)
     end = time.monotonic()
     print(json.dumps([end - seconds, end]), flush=True)
 
 
 def packed_equals_solo(check: Check) -> tuple[dict, list[str]]:
-    import torch
-    from normscale.pack.stacked import SequentialRuns, StackedRuns
-    from test_pack import COMBINATIONS, WEIGHT_TOLERANCE, pack_configs, run_pieces
+    from test_pack import COMBINATIONS, WEIGHT_TOLERANCE, pack_configs, train_loops
     rows = []
     for combination in check.pick(COMBINATIONS, COMBINATIONS[:1]):
         configs = pack_configs(*combination)
-        trained = {}
-        for engine_class in (StackedRuns, SequentialRuns):
-            pieces = [run_pieces(c) for c in configs]  # each run's setting, dataset and model (its init seed)
-            engine = engine_class([m.to(check.device) for *_, m in pieces], [s for s, *_ in pieces],
-                                  [c.training_kwargs for c in configs])
-            objectives = []
-            while any(engine.active):
-                steps, active = list(engine.steps), engine.active
-                result = engine.step([{n: t.to(check.device) for n, t in d.batch(steps[k]).items()} if active[k]
-                                      else None for k, (_, d, _) in enumerate(pieces)])
-                objectives.append(result.objectives.cpu())
-            trained[engine_class] = engine, torch.stack(objectives)
-        (stacked, stacked_objectives), (solo, solo_objectives) = trained[StackedRuns], trained[SequentialRuns]
-        weights = max((stacked.state_dict(k)[name].cpu() - value.cpu()).abs().max().item()
-                      for k in range(len(configs)) for name, value in solo.state_dict(k).items())
-        finished = ~solo_objectives.isnan()
-        objectives = (stacked_objectives - solo_objectives)[finished].abs().max().item()
-        rows.append({"combination": list(combination), "steps": solo.steps, "max_weight_diff": weights,
-                     "max_objective_diff": objectives, "tolerance": WEIGHT_TOLERANCE})
+        (stacked, stacked_objectives, _), (solo, solo_objectives, _) = (train_loops(configs, s) for s in (True, False))
+        weights = max((a.model.state_dict()[name] - value).abs().max().item()
+                      for a, b in zip(stacked, solo) for name, value in b.model.state_dict().items())
+        objectives = max((a - b).abs().max().item() for a, b in zip(stacked_objectives, solo_objectives))
+        rows.append({"combination": list(combination), "steps": [loop.step for loop in solo],
+                     "max_weight_diff": weights, "max_objective_diff": objectives, "tolerance": WEIGHT_TOLERANCE})
         print(f"{combination}: weights {weights:.1e}, objectives {objectives:.1e}", flush=True)
     lines = [f"tests/test_pack.py's packs of 3 runs (differing in seed, D, prior, learning rate, warmup, weight decay, "
-             f"clipping norm and max_steps) trained on {check.device} by StackedRuns and by SequentialRuns (the solo "
-             f"models, torch's AdamW and LambdaLR: the solo runs), fp32, from the same initial weights and batches. "
+             f"clipping norm and max_steps) trained on {check.device} by normscale.train.run_loops stacked and in turn "
+             f"(normscale's own step for each run: the solo runs), fp32, from the same initial weights and batches. "
              f"Max |difference| of final weights (tolerance {WEIGHT_TOLERANCE:g}, as on CPU) and of per-step "
              f"objectives.", "", "| setting | model | parametrization | steps per run | max weight diff "
              "| max objective diff | within tolerance |", "|---|---|---|---|---:|---:|---|"]

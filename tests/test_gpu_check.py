@@ -48,7 +48,7 @@ def test_pack_throughputs_and_the_sweep_projection(quick):
     results = quick[1]["pack"]["results"]
     assert {(r["width"], r["N"]) for r in results["rows"]} == {(16, 1), (16, 4), (32, 1), (32, 4)}
     for row in results["rows"]:
-        for engine in ("stacked", "sequential", "in_turn"):
+        for engine in ("stacked", "in_turn"):
             assert positive(row["run_steps_per_s"][engine]) and positive([row["median"][engine]])
     projection = results["projection"]
     assert (projection["runs"], projection["steps"]) == (SWEEP_RUNS, SWEEP_STEPS) == (297, 100_000)

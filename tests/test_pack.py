@@ -3,8 +3,8 @@
 A pack of 3 runs differing in seed, D, task prior, learning rate, warmup, clipping norm and max_steps is trained
 solo (the plain loop's pieces: build_model under the init seed, optimizer_groups + AdamW, LambdaLR with lr_factor,
 clip_grad_norm_, the setting's objective on the run's own MixtureDataset batches) and packed; final weights agree to
-1e-5, per-step objectives and grad norms closely. The sequential execution is bit-identical; one global clipping norm
-over the pack (the negative control) is not close.
+1e-5, per-step objectives and grad norms closely. Through normscale.train's run_loops, in turn is bit-identical and
+stacked close; one global clipping norm over the pack (the negative control) is not close.
 """
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from normscale import settings
 from normscale.config import Config, ModelConfig, TaskConfig, TrainingConfig
 from normscale.data import MixtureDataset, draw_task_pools
 from normscale.data.seeds import stream_seed
+from normscale.dist.accel import make_accelerator
 from normscale.model import build_model, optimizer_groups
-from normscale.pack.stacked import SequentialRuns, StackedRuns, stack_batches
+from normscale.pack.stacked import StackedRuns, stack_batches
 from normscale.pack import stacked as stacked_module
 from normscale.config import lr_factor
+from normscale.train import Hook, Loop, run_loops, wrap
 
 STEPS = 50
 WEIGHT_TOLERANCE = 1e-5
@@ -46,11 +48,11 @@ def pack_configs(setting: str, model: str, parametrization: str) -> list[Config]
         for seed, D, prior, lr, warmup, max_norm, max_steps in RUNS]
 
 
-def run_pieces(config: Config):
-    """What a run's solo loop starts from: its setting, its dataset and its model (init seed)."""
+def run_pieces(config: Config, device="cpu"):
+    """What a run's solo loop starts from: its setting, its dataset (batches on `device`) and its model (init seed)."""
     setting = settings.get(config.setting, config.task_kwargs)
     dataset = MixtureDataset(setting, draw_task_pools(setting, config.seed)["train"], config.task_kwargs.prior,
-                             config.training_kwargs.batch_size, config.seed)
+                             config.training_kwargs.batch_size, config.seed, device)
     torch.manual_seed(stream_seed(config.seed, "init"))
     return setting, dataset, build_model(config)
 
@@ -76,10 +78,10 @@ def train_solo(config: Config):
     return model, optimizer, torch.stack(objectives), torch.stack(norms)
 
 
-def train_pack(engine_class, configs: list[Config]):
-    """The same runs through a pack engine; returns the engine, each run's objectives (steps, B) and grad norms."""
+def train_pack(configs: list[Config]):
+    """The same runs as one StackedRuns; returns it, each run's objectives (steps, B) and grad norms."""
     pieces = [run_pieces(c) for c in configs]
-    engine = engine_class([m for _, _, m in pieces], [s for s, _, _ in pieces], [c.training_kwargs for c in configs])
+    engine = StackedRuns([m for _, _, m in pieces], [s for s, _, _ in pieces], [c.training_kwargs for c in configs])
     objectives, norms = [[] for _ in configs], [[] for _ in configs]
     while any(engine.active):
         steps = list(engine.steps)
@@ -89,6 +91,36 @@ def train_pack(engine_class, configs: list[Config]):
                 objectives[k].append(result.objectives[k])
                 norms[k].append(result.grad_norms[k])
     return engine, [torch.stack(o) for o in objectives], [torch.stack(n) for n in norms]
+
+
+class Record(Hook):
+    """Each step's objectives and gradient norm, as the step left them in the loop."""
+
+    def __init__(self):
+        self.objectives, self.norms = [], []
+
+    def after_step(self, loop):
+        ((_, losses),) = loop.chunks
+        self.objectives.append(losses.detach())
+        self.norms.append(loop.grad_norm)
+
+
+def train_loops(configs: list[Config], stacked: bool):
+    """The runs as normscale.train trains a pack: run_loops (stacked or in turn) over Loops built as start_run builds
+    them (an Accelerator each, on the device it picks; the model under its init seed; wrap), with no run directory and
+    no hooks but Record. Returns the loops (each model synced), each run's objectives (steps, B) and grad norms."""
+    loops, records = [], []
+    for config in configs:
+        accelerator = make_accelerator(config)
+        setting, dataset, model = run_pieces(config, accelerator.device)
+        model, optimizer, scheduler = wrap(model, config.training_kwargs, accelerator)
+        records.append(Record())
+        loops.append(Loop(config, setting, None, accelerator, model, optimizer, scheduler, None, dataset,
+                          [records[-1]]))
+    assert run_loops(loops, stacked) == []
+    for loop in loops:
+        loop.sync()
+    return loops, [torch.stack(r.objectives) for r in records], [torch.stack(r.norms) for r in records]
 
 
 def weight_error(engine, solo_models) -> float:
@@ -111,7 +143,7 @@ def solo_runs():
 @pytest.mark.parametrize("setting,model,parametrization", COMBINATIONS)
 def test_stacked_pack_matches_solo_runs(solo_runs, setting, model, parametrization):
     solos = solo_runs(setting, model, parametrization)
-    engine, objectives, norms = train_pack(StackedRuns, pack_configs(setting, model, parametrization))
+    engine, objectives, norms = train_pack(pack_configs(setting, model, parametrization))
     assert engine.steps == [max_steps for *_, max_steps in RUNS]
     max_norms = [max_norm for *_, max_norm, _ in RUNS]
     solo_norms = [n for *_, n in solos]
@@ -136,20 +168,31 @@ def global_clipping(grads, max_norms):
 def test_one_global_clipping_norm_does_not_match_solo_runs(solo_runs, monkeypatch):
     solos = solo_runs("balls_and_urns", "transformer", "sp")
     monkeypatch.setattr(stacked_module, "clip_grad_norms_per_run", global_clipping)
-    engine, _, _ = train_pack(StackedRuns, pack_configs("balls_and_urns", "transformer", "sp"))
+    engine, _, _ = train_pack(pack_configs("balls_and_urns", "transformer", "sp"))
     error = weight_error(engine, [m for m, *_ in solos])
     print(f"global clipping norm: max |packed - solo| weight {error:.2e}")
     assert error > 100 * WEIGHT_TOLERANCE
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["in_turn", "stacked"])
 @pytest.mark.parametrize("setting,model,parametrization",
                          [("balls_and_urns", "mlp", "sp"), ("classification", "transformer", "mup")])
-def test_sequential_pack_is_bit_identical_to_solo_runs(solo_runs, setting, model, parametrization):
+def test_run_loops_trains_each_run_of_a_pack_as_its_solo_run(solo_runs, setting, model, parametrization, stacked):
+    """normscale.train's pack executions (Accelerate's prepare, clipping and schedule; runs of different max_steps):
+    in turn is the plain solo loop bit for bit, stacked within WEIGHT_TOLERANCE."""
     solos = solo_runs(setting, model, parametrization)
-    engine, objectives, norms = train_pack(SequentialRuns, pack_configs(setting, model, parametrization))
+    loops, objectives, norms = train_loops(pack_configs(setting, model, parametrization), stacked)
+    assert [loop.step for loop in loops] == [max_steps for *_, max_steps in RUNS]
     for k, (solo_model, _, solo_objectives, solo_norms) in enumerate(solos):
-        assert all(torch.equal(engine.state_dict(k)[n], v) for n, v in solo_model.state_dict().items())
-        assert torch.equal(objectives[k], solo_objectives) and torch.equal(norms[k], solo_norms)
+        weights = loops[k].model.state_dict()
+        if stacked:
+            assert max((weights[n] - v).abs().max().item() for n, v in solo_model.state_dict().items()) \
+                <= WEIGHT_TOLERANCE
+            torch.testing.assert_close(objectives[k], solo_objectives, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(norms[k], solo_norms, rtol=1e-4, atol=1e-6)
+        else:
+            assert all(torch.equal(weights[n], v) for n, v in solo_model.state_dict().items())
+            assert torch.equal(objectives[k], solo_objectives) and torch.equal(norms[k], solo_norms)
 
 
 def test_run_state_round_trips_in_the_solo_formats(solo_runs):
@@ -157,7 +200,7 @@ def test_run_state_round_trips_in_the_solo_formats(solo_runs):
     solo layout and close values, and reads back into a fresh pack."""
     configs = pack_configs("linear_regression", "transformer", "sp")
     solos = solo_runs("linear_regression", "transformer", "sp")
-    engine, _, _ = train_pack(StackedRuns, configs)
+    engine, _, _ = train_pack(configs)
     for k, (solo_model, solo_optimizer, _, _) in enumerate(solos):
         model = engine.model.unstack(k)
         model.load_state_dict(solo_model.state_dict())  # same names, strict
@@ -173,7 +216,7 @@ def test_run_state_round_trips_in_the_solo_formats(solo_runs):
             for name in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(exported["state"][index][name], state[name], rtol=1e-3, atol=1e-9)
 
-        fresh, _, _ = train_pack(StackedRuns, [dataclasses.replace(
+        fresh, _, _ = train_pack([dataclasses.replace(
             c, training_kwargs=dataclasses.replace(c.training_kwargs, max_steps=1)) for c in configs])
         fresh.model.load_state_dict(k, engine.state_dict(k))
         fresh.optimizer.read_run_state(k, model, optimizer)

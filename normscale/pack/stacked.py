@@ -2,12 +2,11 @@
 
 Each run keeps what its solo run has: its own initialisation (the caller builds its solo model under its init seed),
 its own batches, learning-rate schedule (config.lr_factor with muP's per-parameter scales), clipping by its own
-gradient norm, and its own AdamW state. Two executions share one interface (`step(batches) -> PackStep`):
-
-  StackedRuns     one forward and backward for all runs: torch.func.functional_call over a meta-device template
-                  under torch.func.vmap (stacked matmuls), per-run clipping and a per-run AdamW on the stacked
-                  tensors. Equal to solo up to fp32 rounding (batched kernels sum in another order).
-  SequentialRuns  the solo models, torch.optim.AdamW and LambdaLR stepped in turn: bit-identical to solo.
+gradient norm, and its own AdamW state. StackedRuns steps them (`step(batches) -> PackStep`): one forward and
+backward for all runs, torch.func.functional_call over a meta-device template under torch.func.vmap (stacked
+matmuls), per-run clipping and a per-run AdamW on the stacked tensors. Equal to solo up to fp32 rounding (batched
+kernels sum in another order). StackedLoops steps normscale.train's Loops that way; a pack's other execution, its
+runs in turn, is normscale.train's own step (run_loops).
 
 A run steps when it is given a batch; pass None for one that does not (finished, stopped or failed): it is masked,
 its rows still computed (the first given batch fills in) but its parameters, AdamW state and step count unchanged.
@@ -25,7 +24,6 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from normscale.config import TrainingConfig, lr_factor
-from normscale.model.mup import optimizer_groups
 
 
 @dataclass
@@ -246,48 +244,6 @@ class StackedRuns:
 
     def state_dict(self, k: int) -> dict[str, torch.Tensor]:
         return self.model.state_dict(k)
-
-
-class SequentialRuns:
-    """The same runs as solo models with torch.optim.AdamW (optimizer_groups) and LambdaLR, stepped in turn."""
-
-    def __init__(self, models: Sequence[nn.Module], settings: Sequence, trainings: Sequence[TrainingConfig]):
-        check_pack(models, settings, trainings)
-        self.models, self.settings, self.trainings = list(models), list(settings), list(trainings)
-        self.optimizers, self.schedulers = [], []
-        for model, t in zip(self.models, self.trainings):
-            optimizer = torch.optim.AdamW(optimizer_groups(model, t.learning_rate, t.weight_decay),
-                                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-            self.optimizers.append(optimizer)
-            self.schedulers.append(torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s, t=t: lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule)))
-        self.steps = [0] * len(self.models)
-
-    @property
-    def active(self) -> list[bool]:
-        return [s < t.max_steps for s, t in zip(self.steps, self.trainings)]
-
-    def step(self, batches: Sequence[dict[str, torch.Tensor] | None]) -> PackStep:
-        active = stepping(batches, self.active)
-        filler = next(b for b in batches if b is not None)
-        objectives = torch.full((len(self.models), len(filler["task_ids"])), math.nan)
-        norms = torch.full((len(self.models),), math.nan)
-        for k, (model, setting, t) in enumerate(zip(self.models, self.settings, self.trainings)):
-            if not active[k]:
-                continue
-            losses = setting.objective(model(batches[k]), batches[k])
-            losses.mean().backward()
-            norms[k] = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).detach()
-            self.optimizers[k].step()
-            self.optimizers[k].zero_grad(set_to_none=True)
-            self.schedulers[k].step()
-            objectives[k] = losses.detach()
-            self.steps[k] += 1
-        task_ids = torch.stack([(filler if b is None else b)["task_ids"] for b in batches])
-        return PackStep(active, task_ids, objectives, norms)
-
-    def state_dict(self, k: int) -> dict[str, torch.Tensor]:
-        return {name: value.detach().clone() for name, value in self.models[k].state_dict().items()}
 
 
 def check_pack(models: Sequence[nn.Module], settings: Sequence, trainings: Sequence[TrainingConfig]) -> None:
