@@ -342,6 +342,8 @@ def train_pack_task(manifest: Path, task: int) -> None:
     for k in packs:
         pack_points(manifest, k)  # every point validated before any process starts
     gpus = int(os.environ.get("SLURM_GPUS_ON_NODE") or 0)
+    for signum in (signal.SIGUSR1, signal.SIGTERM):  # inherited: a pack process ignores them until it trains, and
+        signal.signal(signum, signal.SIG_IGN)        # after (as slurm/common.sh starts a run), so a repeat is harmless
     children = [subprocess.Popen([sys.executable, "-m", "normscale.sweep", "train-pack", "--manifest", str(manifest),
                                   "--pack", str(k)], env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(g)} if gpus
                                                                              else {})})

@@ -200,14 +200,19 @@ def test_a_task_of_two_packs_trains_each_in_its_own_process_and_both_stop_on_the
               for d in (2, 4, 8, 16)]
     manifest = write_manifest(tmp_path / "m.json", points, packs=[[0, 1], [2, 3]], packs_per_task=2)
     runs = [sweep.resolve([*p, f"cache_dir={tmp_path}"]).run_dir for p in points]
-    proc = subprocess.Popen([sys.executable, "-m", "normscale.sweep", "train-pack", "--manifest", str(manifest),
-                             "--index", "0"], cwd=ROOT, env=env_for(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "task.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "normscale.sweep", "train-pack", "--manifest", str(manifest),
+                                 "--index", "0"], cwd=ROOT, env=env_for(tmp_path), stdout=out, stderr=out)
     for run in (runs[0], runs[2]):  # both packs are training
         wait_for_training(run / "train_metrics.jsonl")
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    deadline = time.time() + 300
+    while proc.poll() is None:  # as slurm/common.sh forwards the warning signal: every 2 s until the task ends
+        assert time.time() < deadline, log.read_text(errors="replace")[-3000:]
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+    out = log.read_text(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
     assert out.count("preempted; resume state saved at step") == 4 and out.count("as one pack") == 2, out[-3000:]
     assert all(0 < (resume_step(run) or 0) < 400 for run in runs)
     again = sweep_module(tmp_path, "train-pack", "--manifest", str(manifest), "--index", "0")
