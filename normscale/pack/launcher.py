@@ -34,6 +34,7 @@ class PackLauncher:
     packs: dict[int, list[list[str]]] | None = None  # pack mode: job number -> its points' overrides
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+        """In the submitting process: the base launcher's jobs (pack=1), or a job per pack, waited for."""
         from hydra.core.utils import JobReturn, JobStatus
 
         from normscale.cli import fail, to_config
@@ -51,13 +52,13 @@ class PackLauncher:
             fail(str(error), error.exit_code)
         packs = form_packs(configs, configs[0].pack)
         common = set.intersection(*(set(overrides) for overrides in job_overrides))
-        points = []
-        for j, members in enumerate(packs):
-            points.append(f"points {', '.join(str(initial_job_idx + m) for m in members)}")
-            varying = " | ".join(" ".join(o for o in job_overrides[m] if o not in common) for m in members).strip(" |")
-            print(f"normscale: pack {j}: {points[j]}" + (f" ({varying})" if varying else ""), flush=True)
+        points = [f"points {', '.join(str(initial_job_idx + m) for m in members)}" for members in packs]
+        for j, members in enumerate(packs):  # each pack's points, with the overrides in which they differ
+            varying = [" ".join(o for o in job_overrides[m] if o not in common) for m in members]
+            print(f"normscale: pack {j}: {points[j]}" + (f" ({' | '.join(varying)})" if any(varying) else ""),
+                  flush=True)
         self.packs = {initial_job_idx + j: [list(job_overrides[m]) for m in members] for j, members in enumerate(packs)}
-        outcomes = super().launch([[where] for where in points], initial_job_idx)
+        outcomes = super().launch([[shown] for shown in points], initial_job_idx)  # shown in Hydra's job lines
         for outcome in outcomes:
             for code, line, overrides in outcome.skipped:
                 print(f"normscale: skipped: {line}", file=sys.stderr, flush=True)
