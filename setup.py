@@ -9,7 +9,9 @@ setup(
     name="normscale",
     version="0.1.0",
     description="Normative scaling experiments on in-context learning",
-    packages=find_packages(include=["normscale", "normscale.*"]),
+    # hydra_plugins: a namespace package (no __init__.py), where Hydra finds hydra/launcher=slurm and local
+    packages=[*find_packages(include=["normscale", "normscale.*"]), "hydra_plugins",
+              "hydra_plugins.normscale_launcher"],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -316,7 +316,8 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
     `-m` sweep a point that is held elsewhere, refused or failed is skipped with its line, and the sweep ends with
     that code (3, 2, then 75) and the list of skipped points. With `packed` and pack=N > 1, a `-m` sweep's points are
     collected and then trained N at a time by `packed(jobs)` (normscale.pack.forming groups them by shape), which
-    returns the errors of the runs it left out or that failed."""
+    returns the errors of the runs it left out or that failed; hydra/launcher=slurm and local submit a job per pack
+    instead (normscale.pack.launcher) and hand back those errors alike."""
     import hydra
 
     load_env()
@@ -340,8 +341,8 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
             if packed is not None and config.packed and hydra_config.mode == RunMode.MULTIRUN:
                 if "BasicLauncher" not in hydra_config.launcher._target_:
                     raise ConfigError(f"pack={config.pack} with hydra/launcher={hydra_config.runtime.choices.get('hydra/launcher')}"
-                                      ": packs are formed in one process (the default launcher) for now; drop pack= "
-                                      "or the launcher")
+                                      ": packs are formed by the default launcher and by hydra/launcher=slurm or "
+                                      "local; use one of those, or drop pack=")
                 pending.append((config, list(hydra_config.overrides.task)))
                 return None
             if with_overrides:
@@ -374,6 +375,9 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
             except BaseException as error:
                 fail_on(error)
             skipped += [(error.exit_code, " ".join(overrides)) for error, overrides in problems]
+    from normscale.pack.launcher import SKIPPED
+
+    skipped += SKIPPED  # hydra/launcher=slurm or local with pack=N: what the pack jobs left out or failed
     if skipped:
         fail_skipped(skipped)
 

@@ -24,6 +24,8 @@ FORBIDDEN = {
     "normscale.provenance": ["torch", "numpy"],
     "normscale.sweep": ["torch", "numpy", "normscale.data", "normscale.model", "normscale.dist"],
     "normscale.analysis.normative": ["torch", "h5py", "normscale.data", "normscale.model", "normscale.dist"],
+    # Hydra imports every plugin at start-up, for every command
+    "hydra_plugins.normscale_launcher": ["torch", "submitit", "normscale.cli", "normscale.train", "normscale.pack.forming"],
 }
 
 

@@ -1,0 +1,100 @@
+"""`hydra/launcher=slurm` and `hydra/launcher=local` with pack=N: one submitit job per pack (issue 13).
+
+hydra_plugins.normscale_launcher's SlurmLauncher and LocalLauncher are hydra-submitit-launcher's with PackLauncher
+mixed in (Hydra instantiates launchers only from the hydra_plugins package). With pack=1 they are those launchers:
+one job per sweep point, running the task function. With pack=N the launcher composes every point's Config, forms
+the packs (normscale.pack.forming) and submits one job per pack through the base launcher's executor; the job
+composes its members' configs again and trains them with train.train_pack. The job's callable is the launcher itself,
+whose `checkpoint` resubmits it with the same arguments: a pack that SLURM warns with USR2 saves every run's resume
+state (train.Preemption hands the signal to submitit), is requeued and resumes. The runs a pack left out or that
+failed come back to this process in SKIPPED, which cli.hydra_main lists and turns into the sweep's exit code as for
+the default launcher. Importing this module imports nothing heavy: Hydra imports every plugin at start-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Sequence
+
+# (exit code, the point's overrides) of each run that a pack job of this process left out or that failed
+SKIPPED: list[tuple[int, str]] = []
+
+
+@dataclasses.dataclass
+class PackOutcome:
+    """What a pack job sends back: (exit code, line, overrides) of each run left out or failed, and the (exit code,
+    line) of the error that ended the pack, if one did."""
+    skipped: list[tuple[int, str, list[str]]]
+    error: tuple[int, str] | None = None
+
+
+class PackLauncher:
+    """Mixed into hydra-submitit-launcher's launchers, before them (hydra_plugins.normscale_launcher)."""
+
+    packs: dict[int, list[list[str]]] | None = None  # pack mode: job number -> its points' overrides
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
+        """In the submitting process: the base launcher's jobs (pack=1), or a job per pack, waited for."""
+        from hydra.core.utils import JobReturn, JobStatus
+
+        from normscale.cli import fail, to_config
+        from normscale.config import NormscaleError
+        from normscale.pack.forming import form_packs
+
+        if self.config.pack == 1:
+            return super().launch(job_overrides, initial_job_idx)
+        if self.config.pack == "auto":
+            fail(f"pack=auto with hydra/launcher={self.config.hydra.runtime.choices['hydra/launcher']}: a pack's size "
+                 "is fixed when its job is submitted, before the job sees its device; give pack=N")
+        try:
+            configs = [to_config(self.compose(overrides)) for overrides in job_overrides]
+        except NormscaleError as error:
+            fail(str(error), error.exit_code)
+        packs = form_packs(configs, configs[0].pack)
+        common = set.intersection(*(set(overrides) for overrides in job_overrides))
+        points = [f"points {', '.join(str(initial_job_idx + m) for m in members)}" for members in packs]
+        for j, members in enumerate(packs):  # each pack's points, with the overrides in which they differ
+            varying = [" ".join(o for o in job_overrides[m] if o not in common) for m in members]
+            print(f"normscale: pack {j}: {points[j]}" + (f" ({' | '.join(varying)})" if any(varying) else ""),
+                  flush=True)
+        self.packs = {initial_job_idx + j: [list(job_overrides[m]) for m in members] for j, members in enumerate(packs)}
+        outcomes = super().launch([[shown] for shown in points], initial_job_idx)  # shown in Hydra's job lines
+        for outcome in outcomes:
+            for code, line, overrides in outcome.skipped:
+                print(f"normscale: skipped: {line}", file=sys.stderr, flush=True)
+                SKIPPED.append((code, " ".join(overrides)))
+        errors = [(j, outcome.error) for j, outcome in enumerate(outcomes) if outcome.error]
+        for j, (_, line) in errors[1:]:
+            print(f"normscale: error: pack {j}: {line}", file=sys.stderr, flush=True)
+        if errors:
+            j, (code, line) = errors[0]
+            fail(f"pack {j}: {line}", code)
+        return [JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED) for overrides in job_overrides]
+
+    def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: dict) -> Any:
+        """In the job: one sweep point (the base launcher's), or in pack mode the pack of job number `job_num`."""
+        if self.packs is None:
+            return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import setup_globals
+
+        from normscale import train
+        from normscale.cli import to_config
+        from normscale.config import NormscaleError
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        try:
+            composed = [self.compose(overrides) for overrides in self.packs[job_num]]
+            problems = train.train_pack([(to_config(cfg), list(cfg.hydra.overrides.task)) for cfg in composed])
+        except NormscaleError as error:  # sent back: the launcher ends the sweep with its line and code
+            return PackOutcome([], (error.exit_code, str(error)))
+        return PackOutcome([(error.exit_code, str(error), overrides) for error, overrides in problems])
+
+    def compose(self, overrides: Sequence[str]):
+        """A sweep point's Hydra config, as the base launcher composes it in its job."""
+        from normscale.cli import hydra_errors
+
+        with hydra_errors():
+            return self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
