@@ -307,6 +307,8 @@ def load_env() -> None:
 # In a `-m` sweep these end one point, not the sweep: the point is skipped with its line, the others go on, and
 # the command ends with the most telling code among them (a failed run, then a refused one, then a held one).
 SKIPPABLE = (RunFailedError, RunRefusedError, RunHeldError)
+# (exit code, the point's overrides) of each run that a pack job of normscale.launcher left out or that failed
+LAUNCHER_SKIPPED: list[tuple[int, str]] = []
 
 
 def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
@@ -317,7 +319,7 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
     that code (3, 2, then 75) and the list of skipped points. With `packed` and pack=N > 1, a `-m` sweep's points are
     collected and then trained N at a time by `packed(jobs)` (normscale.pack.forming groups them by shape), which
     returns the errors of the runs it left out or that failed; hydra/launcher=slurm and local submit a job per pack
-    instead (normscale.pack.launcher) and hand back those errors alike."""
+    instead (normscale.launcher) and hand back those errors alike."""
     import hydra
 
     load_env()
@@ -375,9 +377,7 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
             except BaseException as error:
                 fail_on(error)
             skipped += [(error.exit_code, " ".join(overrides)) for error, overrides in problems]
-    from normscale.pack.launcher import SKIPPED
-
-    skipped += SKIPPED  # hydra/launcher=slurm or local with pack=N: what the pack jobs left out or failed
+    skipped += LAUNCHER_SKIPPED  # hydra/launcher=slurm or local with pack=N: what the pack jobs left out or failed
     if skipped:
         fail_skipped(skipped)
 

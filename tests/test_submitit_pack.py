@@ -1,4 +1,4 @@
-"""`python -m normscale.train -m <sweep> pack=N hydra/launcher=local|slurm` (normscale.pack.launcher): one submitit
+"""`python -m normscale.train -m <sweep> pack=N hydra/launcher=local|slurm` (normscale.launcher): one submitit
 job per pack, in the run directories and with the very files of the solo sweep; a pack job that raises ends the sweep
 with its line while the other packs train; on the real local cluster, packs as SLURM jobs, and a pack warned with USR2
 saves every run, is requeued by submitit and resumes."""
@@ -13,7 +13,7 @@ from normscale import sweep
 from normscale.config import checkpoint_schedule
 from normscale.layout import list_checkpoints, resume_step
 from test_pack_forming import SWEEP, run_files
-from test_slurm import TINY, assert_complete, cluster, env_for, resumed_steps  # noqa: F401 (cluster: the fixture)
+from test_slurm import TINY, assert_complete, env_for, resumed_steps
 
 FOUR = [o.replace("num_tasks=2,4,8", "num_tasks=2,4") for o in SWEEP if o != "-m"]  # D x learning rate
 EXPERIMENT = ("experiments", "balls_and_urns", "packed")

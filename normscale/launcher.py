@@ -7,7 +7,7 @@ the packs (normscale.pack.forming) and submits one job per pack through the base
 composes its members' configs again and trains them with train.train_pack. The job's callable is the launcher itself,
 whose `checkpoint` resubmits it with the same arguments: a pack that SLURM warns with USR2 saves every run's resume
 state (train.Preemption hands the signal to submitit), is requeued and resumes. The runs a pack left out or that
-failed come back to this process in SKIPPED, which cli.hydra_main lists and turns into the sweep's exit code as for
+failed come back to this process in cli.LAUNCHER_SKIPPED, which cli.hydra_main lists and turns into the sweep's exit code as for
 the default launcher. Importing this module imports nothing heavy: Hydra imports every plugin at start-up.
 """
 from __future__ import annotations
@@ -15,10 +15,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from typing import Any, Sequence
-
-# (exit code, the point's overrides) of each run that a pack job of this process left out or that failed
-SKIPPED: list[tuple[int, str]] = []
-
 
 @dataclasses.dataclass
 class PackOutcome:
@@ -37,7 +33,7 @@ class PackLauncher:
         """In the submitting process: the base launcher's jobs (pack=1), or a job per pack, waited for."""
         from hydra.core.utils import JobReturn, JobStatus
 
-        from normscale.cli import fail, to_config
+        from normscale.cli import LAUNCHER_SKIPPED, fail, to_config
         from normscale.config import NormscaleError
         from normscale.pack.forming import form_packs
 
@@ -62,7 +58,7 @@ class PackLauncher:
         for outcome in outcomes:
             for code, line, overrides in outcome.skipped:
                 print(f"normscale: skipped: {line}", file=sys.stderr, flush=True)
-                SKIPPED.append((code, " ".join(overrides)))
+                LAUNCHER_SKIPPED.append((code, " ".join(overrides)))
         errors = [(j, outcome.error) for j, outcome in enumerate(outcomes) if outcome.error]
         for j, (_, line) in errors[1:]:
             print(f"normscale: error: pack {j}: {line}", file=sys.stderr, flush=True)
