@@ -169,3 +169,25 @@ def test_the_memory_estimate_counts_what_autograd_keeps():
     assert double.activations == pytest.approx(2 * small.activations, rel=0.01)
     assert 3 < wide.parameters / small.parameters < 4.2
     assert small.pack(8, stacked=True) > 7 * small.pack(1, stacked=True) > small.pack(8, stacked=False)
+
+
+def test_a_stacked_pack_killed_then_run_again_re_formed_ends_within_tolerance_of_an_uninterrupted_one(uninterrupted,
+                                                                                                        tmp_path):
+    """Killed once a resume state exists, then run again as packs of 2 instead of 4 (re-formed: other runs beside
+    each run): every checkpoint within TOLERANCE of the uninterrupted pack's."""
+    env = {**os.environ, "CACHE_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "normscale.train", *COMMON, *LONGER], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("experiments/*/stacked/runs/*/resume/state.json")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    again = sweep(tmp_path, *[a for a in LONGER if a != "pack=4"], "pack=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("training 2 run(s) as one pack, stacked") == 2 and "resumed at step" in again.stdout
+    for a, b in zip(runs_of(uninterrupted), runs_of(tmp_path), strict=True):
+        wa, wb = weights(a), weights(b)
+        assert sorted(wa) == sorted(wb)
+        assert max((wa[s][n] - wb[s][n]).abs().max().item() for s in wa for n in wa[s]) < TOLERANCE
