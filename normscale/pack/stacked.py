@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -281,7 +283,9 @@ class StackedLoops:
         for k, loop in enumerate(self.loops):
             if result.active[k]:
                 loop.chunks, loop.grad_norm = [(result.task_ids[k], result.objectives[k])], result.grad_norms[k]
-                loop.scheduler.step()
+                with warnings.catch_warnings():  # the stack stepped this run's weights, not its solo optimizer
+                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                    loop.scheduler.step()
                 loop.stale = True
 
     @torch.no_grad()
