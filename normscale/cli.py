@@ -307,7 +307,10 @@ def load_env() -> None:
 # In a `-m` sweep these end one point, not the sweep: the point is skipped with its line, the others go on, and
 # the command ends with the most telling code among them (a failed run, then a refused one, then a held one).
 SKIPPABLE = (RunFailedError, RunRefusedError, RunHeldError)
-# (exit code, the point's overrides) of each run that a pack job of normscale.launcher left out or that failed
+# For the packing launchers (normscale.launcher), set by hydra_main: the command's pack entry (train.train_pack; None
+# for a command that trains nothing, whose points then run a job each), and (exit code, the point's overrides) of each
+# run that a pack job left out or that failed.
+PACKED_ENTRY: Callable[[list[tuple[Config, list[str]]]], list] | None = None
 LAUNCHER_SKIPPED: list[tuple[int, str]] = []
 
 
@@ -322,6 +325,8 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
     instead (normscale.launcher) and hand back those errors alike."""
     import hydra
 
+    global PACKED_ENTRY
+    PACKED_ENTRY = packed
     load_env()
     try:
         check_overrides(sys.argv[1:])

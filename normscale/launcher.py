@@ -4,7 +4,8 @@ hydra_plugins.normscale_launcher's SlurmLauncher and LocalLauncher are hydra-sub
 mixed in (Hydra instantiates launchers only from the hydra_plugins package). With pack=1 they are those launchers:
 one job per sweep point, running the task function. With pack=N the launcher composes every point's Config, forms
 the packs (normscale.pack.forming) and submits one job per pack through the base launcher's executor; the job
-composes its members' configs again and trains them with train.train_pack. The job's callable is the launcher itself,
+composes its members' configs again and trains them with the command's pack entry (train.train_pack; a command
+that trains nothing, such as eval, gets the base launcher's jobs). The job's callable is the launcher itself,
 whose `checkpoint` resubmits it with the same arguments: a pack that SLURM warns with USR2 saves every run's resume
 state (train.Preemption hands the signal to submitit), is requeued and resumes. The runs a pack left out or that
 failed come back to this process in cli.LAUNCHER_SKIPPED, which cli.hydra_main lists and turns into the sweep's exit code as for
@@ -28,17 +29,20 @@ class PackLauncher:
     """Mixed into hydra-submitit-launcher's launchers, before them (hydra_plugins.normscale_launcher)."""
 
     packs: dict[int, list[list[str]]] | None = None  # pack mode: job number -> its points' overrides
+    pack_entry = None  # pack mode: the command's pack entry (cli.PACKED_ENTRY), carried into the jobs
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Any:
         """In the submitting process: the base launcher's jobs (pack=1), or a job per pack, waited for."""
         from hydra.core.utils import JobReturn, JobStatus
 
+        from normscale import cli
         from normscale.cli import LAUNCHER_SKIPPED, fail, to_config
         from normscale.config import NormscaleError
         from normscale.pack.forming import form_packs
 
-        if self.config.pack == 1:
+        if self.config.pack == 1 or cli.PACKED_ENTRY is None:  # solo, or a command that trains nothing (eval, data)
             return super().launch(job_overrides, initial_job_idx)
+        self.pack_entry = cli.PACKED_ENTRY  # pickled with the launcher into each job
         if self.config.pack == "auto":
             fail(f"pack=auto with hydra/launcher={self.config.hydra.runtime.choices['hydra/launcher']}: a pack's size "
                  "is fixed when its job is submitted, before the job sees its device; give pack=N")
@@ -75,7 +79,6 @@ class PackLauncher:
         from hydra.core.singleton import Singleton
         from hydra.core.utils import setup_globals
 
-        from normscale import train
         from normscale.cli import to_config
         from normscale.config import NormscaleError
 
@@ -83,7 +86,7 @@ class PackLauncher:
         setup_globals()
         try:
             composed = [self.compose(overrides) for overrides in self.packs[job_num]]
-            problems = train.train_pack([(to_config(cfg), list(cfg.hydra.overrides.task)) for cfg in composed])
+            problems = self.pack_entry([(to_config(cfg), list(cfg.hydra.overrides.task)) for cfg in composed])
         except NormscaleError as error:  # sent back: the launcher ends the sweep with its line and code
             return PackOutcome([], (error.exit_code, str(error)))
         return PackOutcome([(error.exit_code, str(error), overrides) for error, overrides in problems])

@@ -77,6 +77,18 @@ def test_pack_auto_with_a_submitit_launcher_is_one_line(tmp_path):
     assert not tmp_path.joinpath(*EXPERIMENT, "runs").exists()
 
 
+def test_a_command_that_trains_nothing_runs_its_points_as_jobs_whatever_pack_says(tmp_path):
+    """The data command with the training sweep's overrides, pack=2 included (as users copy them): one job per point
+    preparing its dataset, as without pack; no run is trained."""
+    result = run_module("normscale.data", "-m", "hydra/launcher=local", *FOUR, "pack=2", env=env_for(tmp_path),
+                        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "as one pack" not in result.stdout and "normscale: pack 0" not in result.stdout
+    assert len(jobs(tmp_path.joinpath(*EXPERIMENT))) == 4
+    assert len(list(tmp_path.joinpath(*EXPERIMENT, "data").glob("D*"))) == 2  # D=2 and D=4
+    assert not tmp_path.joinpath(*EXPERIMENT, "runs").exists()
+
+
 # ---------------------------------------------------------------- on the real local cluster
 
 
