@@ -387,11 +387,18 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
         fail_skipped(skipped)
 
 
+def most_telling(codes: list[int]) -> int:
+    """The exit code a sweep or pack ends with, of its points' non-zero ones: a failed run (3), then a refused one (2),
+    then a held one (75), else the first."""
+    return next((c for c in (RunFailedError.exit_code, RunRefusedError.exit_code, RunHeldError.exit_code)
+                 if c in codes), codes[0])
+
+
 def fail_skipped(skipped: list[tuple[int, str]]):
     """End a sweep (or a pack) that skipped points, given as (exit code, overrides): one line listing them, and the
     most telling code among them: a failed run (3), then a refused one (2), then a held one (75)."""
     why = {RunFailedError.exit_code: "failed", RunRefusedError.exit_code: "refused", RunHeldError.exit_code: "held"}
-    code = next(c for c in why if c in {c for c, _ in skipped})
+    code = most_telling([c for c, _ in skipped])
     fail(f"{len(skipped)} sweep point(s) skipped, each named above: "
          + "; ".join(f"{points} ({why[c]})" for c, points in skipped), code)
 

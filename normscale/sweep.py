@@ -42,7 +42,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from normscale.cli import check_overrides, compose, fail, fail_on, fail_skipped, grid, load_env, to_config
+from normscale.cli import (check_overrides, compose, fail, fail_on, fail_skipped, grid, load_env, most_telling,
+                           to_config)
 from normscale.config import Config, ConfigError, NormscaleError
 from normscale.fileio import write_json
 from normscale.pack.forming import form_packs, shape_key, why_apart
@@ -354,7 +355,7 @@ def train_pack_task(manifest: Path, task: int) -> None:
     codes = [child.wait() for child in children]
     failed = [c for c in codes if c]
     if failed:
-        sys.exit(next((c for c in (3, 2, 75) if c in failed), failed[0]))
+        sys.exit(most_telling(failed))
 
 
 def train_pack_here(manifest: Path, index: int) -> None:
