@@ -2,19 +2,16 @@
 from the command line: every run ends as its solo run (within fp32 rounding), and a stacked pack killed mid-way
 resumes bit-exactly."""
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, run_module
+from conftest import run_module
 from normscale.checkpoints import load_checkpoint
 from normscale.layout import list_checkpoints
+from test_pack_forming import stopped_once_saved
 
 TOLERANCE = 1e-5  # max |packed - solo| over every weight of every checkpoint (fp32; batched kernels round differently)
 
@@ -105,17 +102,9 @@ def test_a_stacked_pack_stopped_then_run_again_ends_bit_exactly_as_an_uninterrup
                                                                                          stop):
     """Killed (anywhere, also between its runs' saves: they may resume at different steps) or preempted once a
     resume state exists, then the same command: every file equals the uninterrupted pack's, byte for byte."""
-    env = {**os.environ, "CACHE_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "normscale.train", *COMMON, *LONGER], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("experiments/*/stacked/runs/*/resume/state.json")):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.02)
-    proc.send_signal(stop)
-    out, err = proc.communicate(timeout=300)
+    code, out, err = stopped_once_saved(tmp_path, [*COMMON, *LONGER], stop)
     if stop == signal.SIGUSR1:
-        assert proc.returncode == 0, err[-2000:]
+        assert code == 0, err[-2000:]
         assert out.count("preempted; resume state saved at step") == 4
     again = sweep(tmp_path, *LONGER)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -160,7 +149,7 @@ def test_a_pack_too_big_for_the_device_is_refused_before_any_work_with_the_estim
 def test_the_memory_estimate_counts_what_autograd_keeps():
     """Activations grow linearly with the batch and the parameters with width squared; a stacked pack of N needs N
     runs' activations, runs in turn one run's."""
-    from normscale.pack.memory import run_memory
+    from normscale.pack.memory import largest_fitting, run_memory
     from conftest import compose_config
 
     small = run_memory(compose_config("training_kwargs.batch_size=16", "model_kwargs.hidden_size=32"))
@@ -169,21 +158,17 @@ def test_the_memory_estimate_counts_what_autograd_keeps():
     assert double.activations == pytest.approx(2 * small.activations, rel=0.01)
     assert 3 < wide.parameters / small.parameters < 4.2
     assert small.pack(8, stacked=True) > 7 * small.pack(1, stacked=True) > small.pack(8, stacked=False)
+    for stacked in (True, False):  # the largest pack that fits: the most N with pack(N) within 90% of the memory
+        for free in (10**8, 10**9, 3 * 10**10):
+            n = largest_fitting(small, stacked, free)
+            assert small.pack(n + 1, stacked) > 0.9 * free and (n == 0 or small.pack(n, stacked) <= 0.9 * free)
 
 
 def test_a_stacked_pack_killed_then_run_again_re_formed_ends_within_tolerance_of_an_uninterrupted_one(uninterrupted,
                                                                                                         tmp_path):
     """Killed once a resume state exists, then run again as packs of 2 instead of 4 (re-formed: other runs beside
     each run): every checkpoint within TOLERANCE of the uninterrupted pack's."""
-    env = {**os.environ, "CACHE_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "normscale.train", *COMMON, *LONGER], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("experiments/*/stacked/runs/*/resume/state.json")):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
+    stopped_once_saved(tmp_path, [*COMMON, *LONGER], signal.SIGKILL)
     again = sweep(tmp_path, *[a for a in LONGER if a != "pack=4"], "pack=2")
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("training 2 run(s) as one pack, stacked") == 2 and "resumed at step" in again.stdout

@@ -62,11 +62,11 @@ def gib(num_bytes: int) -> str:
 
 
 def largest_fitting(memory: RunMemory, stacked: bool, free: int) -> int:
-    """The most runs whose pack fits USABLE of `free` bytes (0: not even one)."""
-    n = 0
-    while memory.pack(n + 1, stacked) <= USABLE * free and n < 1 << 20:
-        n += 1
-    return n
+    """The most runs whose pack fits USABLE of `free` bytes (0: not even one): RunMemory.pack solved for N."""
+    budget = USABLE * free / MARGIN
+    if stacked:
+        return int(budget // (memory.activations + 7 * memory.parameters))
+    return max(0, int((budget - memory.activations) // (4 * memory.parameters)))
 
 
 def check_fits(config: Config, num_runs: int, stacked: bool, device: torch.device) -> None:
