@@ -152,6 +152,21 @@ def test_a_run_that_cannot_train_is_left_out_of_its_pack_and_the_rest_train(tmp_
     assert len(runs) == 6 and all((run / "checkpoint-8").exists() for run in runs if run != failed)
 
 
+def stopped_once_saved(cache, args: list[str], stop: int) -> tuple[int, str, str]:
+    """`python -m normscale.train <args>` under CACHE_DIR=cache, sent `stop` once a run's first resume state exists:
+    (exit code, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "normscale.train", *args], cwd=ROOT,
+                            env={**os.environ, "CACHE_DIR": str(cache)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(cache.glob("experiments/*/*/runs/*/resume/state.json")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(stop)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
 LONGER = ["training_kwargs.max_steps=48", "training_kwargs.learning_rate=0.001"]
 
 
@@ -167,17 +182,9 @@ def solo_longer(tmp_path_factory):
 def test_a_pack_stopped_mid_way_then_run_again_ends_as_the_solo_runs(solo_longer, tmp_path, stop):
     """SIGKILL (anywhere, also inside a save) or SIGUSR1 (every run saves its resume state, exit 0) once the pack's
     first resume state exists, then the same command: every run ends with the very files of its solo run."""
-    env = {**os.environ, "CACHE_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "normscale.train", *SWEEP, *LONGER, "pack=3"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("experiments/*/packed/runs/*/resume/state.json")):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.02)
-    proc.send_signal(stop)
-    out, err = proc.communicate(timeout=300)
+    code, out, err = stopped_once_saved(tmp_path, [*SWEEP, *LONGER, "pack=3"], stop)
     if stop == signal.SIGUSR1:
-        assert proc.returncode == 0, err[-2000:]
+        assert code == 0, err[-2000:]
         assert out.count("preempted; resume state saved at step") == 3  # every run of the first pack
     again = sweep(tmp_path, *LONGER, "pack=3")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -200,7 +207,7 @@ def test_a_pack_under_a_multi_process_launch_is_refused_before_any_work(tmp_path
     assert not (tmp_path / "experiments" / "balls_and_urns" / "packed" / "runs").exists()
 
 
-def test_the_planner_resolves_pack_auto_for_cpu_tasks_and_refuses_it_for_gpu_tasks(tmp_path):
+def test_the_planner_resolves_pack_auto_for_cpu_tasks_and_refuses_it_for_gpu_tasks(cluster, tmp_path):
     """An array task's pack size must be known when it is planned: auto is 1 for CPU tasks; for GPU tasks it depends
     on a GPU the planner cannot see, so it is refused with one line."""
     args = ["plan", "task_kwargs.num_tasks=2,4,8", "pack=auto"]
