@@ -4,6 +4,7 @@
       config_resolved.yaml       the run's Config (loadable with Config.from_dict); overrides.json its overrides
       checkpoint-<step>/         model.safetensors (consolidated, loadable in one process), meta.json
       resume -> .resume-<step>   symlink to the one rolling resume state (Accelerate's save_state + state.json)
+      .pack-<id>.json            while a pack publishes its runs' resume states together: the commit (commit_pack)
       train_metrics.jsonl        one line per logging step; eval_metrics.jsonl one line per evaluation
 
 Every file and directory appears complete or not at all: files and checkpoint directories are written under a
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -23,8 +25,8 @@ from safetensors.torch import load, save
 
 from normscale.config import FaultError
 from normscale.fileio import atomic_path, disk_full_guard, sha256_bytes, write_json
-from normscale.layout import (EVAL_METRICS, RESUME_LINK, RESUME_RECORD, TRAIN_METRICS, checkpoint_dir, resume_state_dir,
-                              resume_states)
+from normscale.layout import (EVAL_METRICS, PACK_JOURNAL_PREFIX, PACK_POINTER, RESUME_LINK, RESUME_PREFIX, RESUME_RECORD,
+                              TRAIN_METRICS, checkpoint_dir, resume_state_dir, resume_states)
 
 WEIGHTS = "model.safetensors"
 def write_checkpoint(run_dir: Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -82,17 +84,23 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _file_hashes(directory: Path) -> dict[str, dict]:
     return {p.relative_to(directory).as_posix(): {"bytes": len(data := p.read_bytes()), "sha256": sha256_bytes(data)}
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != RESUME_RECORD}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in (RESUME_RECORD, PACK_POINTER)}
 
 
-def publish_resume(run_dir: Path, step: int, info: dict) -> None:
-    """Record the staged state of `step` (written completely by every rank) with the size and sha256 of each of its
-    files, point `resume` at it, and drop every older state but the previous one (the fallback if this one is
-    found damaged)."""
+def resume_record(run_dir: Path, step: int, info: dict) -> dict:
+    """The record of the staged state of `step` (written completely by every rank): `info`, the step, and the size
+    and sha256 of each of its files."""
+    return {**info, "step": step, "files": _file_hashes(resume_state_dir(run_dir, step))}
+
+
+def publish_resume(run_dir: Path, step: int, record: dict) -> None:
+    """Write the staged state's record (which makes it complete; a pack's pointer is then dropped), point `resume` at
+    it, and drop every older state but the previous one (the fallback if this one is found damaged)."""
     run_dir = Path(run_dir)
     staging = resume_state_dir(run_dir, step)
     with disk_full_guard(staging, "the previous resume state and every checkpoint"):
-        write_json(staging / RESUME_RECORD, {**info, "step": step, "files": _file_hashes(staging)})
+        write_json(staging / RESUME_RECORD, record)
+    (staging / PACK_POINTER).unlink(missing_ok=True)
     link = run_dir / RESUME_LINK
     previous = next((p.resolve() for p in resume_states(run_dir) if p != staging and (p / RESUME_RECORD).exists()), None)
     tmp_link = run_dir / f".{RESUME_LINK}.tmp-{os.getpid()}"
@@ -104,6 +112,66 @@ def publish_resume(run_dir: Path, step: int, info: dict) -> None:
             shutil.rmtree(state, ignore_errors=True)
 
 
+def commit_pack(states: list[tuple[Path, int, dict]]) -> None:
+    """Publish the staged resume states of a pack's runs, [(run directory, step, info)], as one transaction: each
+    state points at the pack's journal, the journal (every state's record, in the first run's directory) is
+    written, which commits them, then each is published and the journal removed. Killed before the journal is
+    written, every run resumes from its previous state; after, `roll_forward` completes each run's state when its
+    lock is next taken. The caller holds every run's lock."""
+    finish_pack_save(write_pack_journal(states))
+
+
+def write_pack_journal(states: list[tuple[Path, int, dict]]) -> Path:
+    """The commit of a pack's save (see commit_pack)."""
+    journal = Path(states[0][0]) / f"{PACK_JOURNAL_PREFIX}{uuid.uuid4().hex[:12]}.json"
+    entries = []
+    for run_dir, step, info in states:
+        write_json(resume_state_dir(run_dir, step) / PACK_POINTER, {"journal": os.path.relpath(journal, run_dir)})
+        entries.append({"run": os.path.relpath(run_dir, journal.parent), "step": step,
+                        "record": resume_record(run_dir, step, info)})
+    with disk_full_guard(journal, "the previous resume states and every checkpoint"):
+        write_json(journal, {"states": entries})
+    return journal
+
+
+def finish_pack_save(journal: Path) -> None:
+    """Publish every state of a committed pack save that is not yet published, then drop its journal."""
+    for run_dir, entry in _awaiting(journal):
+        publish_resume(run_dir, entry["step"], entry["record"])
+    journal.unlink()
+
+
+def _awaiting(journal: Path) -> list[tuple[Path, dict]]:
+    """The states of a pack journal that are staged and not yet published: [(run directory, entry)]."""
+    try:
+        entries = json.loads(journal.read_text())["states"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
+        raise FaultError(f"the pack journal {journal} is damaged, so whether its save was committed is unknown: delete "
+                         "it, and the runs that still await it resume from their previous resume state") from None
+    pending = [(Path(os.path.normpath(journal.parent / e["run"])), e) for e in entries]
+    return [(run_dir, e) for run_dir, e in pending
+            if resume_state_dir(run_dir, e["step"]).is_dir()
+            and not (resume_state_dir(run_dir, e["step"]) / RESUME_RECORD).exists()]
+
+
+def roll_forward(run_dir: Path) -> list[str]:
+    """Publish this run's staged resume states that a pack committed (its journal names them) but did not finish
+    publishing; lines saying so. Uncommitted ones are left to `remove_temporaries`. Only the lock holder calls it,
+    before anything reads the run's resume states."""
+    run_dir, notes = Path(run_dir), []
+    for state in resume_states(run_dir):
+        pointer = state / PACK_POINTER
+        if (state / RESUME_RECORD).exists() or not pointer.exists():
+            continue
+        journal = Path(os.path.normpath(run_dir / json.loads(pointer.read_text())["journal"]))
+        if not journal.exists():  # the pack was killed before committing this save
+            continue
+        step = int(state.name.removeprefix(RESUME_PREFIX))
+        for pending, entry in _awaiting(journal):
+            if pending.resolve() == run_dir.resolve() and entry["step"] == step:
+                publish_resume(run_dir, step, entry["record"])
+                notes.append(f"completed the pack's resume state at step {step}, committed before a kill")
+    return notes
 def damage(state: Path) -> str | None:
     """What is wrong with a resume state directory (None: intact): its record and every file it lists."""
     try:
@@ -135,11 +203,12 @@ def choose_resume(run_dir: Path) -> tuple[Path | None, dict | None, list[str]]:
 
 def remove_temporaries(run_dir: Path) -> None:
     """Drop what writers killed mid-write left behind (staged checkpoints, temporary files, unfinished resume
-    states); only the run's lock holder may call it."""
+    states, pack journals that no run still awaits); only the run's lock holder may call it, after `roll_forward`."""
     states = set(resume_states(run_dir))
     for path in Path(run_dir).iterdir():
         unfinished = path in states and not (path / RESUME_RECORD).exists()
-        if ".tmp-" in path.name or unfinished:
+        spent = path.name.startswith(PACK_JOURNAL_PREFIX) and path.is_file() and not _awaiting(path)
+        if ".tmp-" in path.name or unfinished or spent:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 

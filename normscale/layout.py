@@ -8,6 +8,7 @@ run directory keeps about its own life. Standard library only.
         checkpoint-<step>/                          checkpoint_dir, checkpoint_step, list_checkpoints
           model.safetensors, meta.json, metrics.pt  (weights and meta: normscale.checkpoints; METRICS_FILES by mode)
         resume -> .resume-<step>/state.json         RESUME_LINK, resume_state_dir, resume_states, resume_step
+        .pack-<id>.json, .resume-<step>/pack.json    PACK_JOURNAL_PREFIX, PACK_POINTER (a pack's save: checkpoints)
         train_metrics.jsonl, eval_metrics.jsonl     TRAIN_METRICS, EVAL_METRICS
         failed.json, lock.json                      FAILED_FILE (read_failure), LOCK_FILE (normscale.runlock)
       runs/bayes-<kind>/<dataset>/, runs/llm-<model>/<dataset>/    single_shot_dir, bayes_label, llm_label
@@ -68,6 +69,8 @@ LEGACY_OVERRIDES_PREFIX = "# overrides:"  # where runs written before OVERRIDES_
 LOCK_FILE = "lock.json"  # the run's one writer (normscale.runlock)
 RESUME_LINK, RESUME_RECORD = "resume", "state.json"  # resume -> .resume-<step>/, whose state.json records it
 RESUME_PREFIX = ".resume-"
+PACK_JOURNAL_PREFIX = ".pack-"  # .pack-<id>.json in a pack's first run: the commit record of one save of the pack
+PACK_POINTER = "pack.json"  # in a staged resume state of a packed run: {"journal": path of the pack's journal}
 FAILED_FILE = "failed.json"  # a run that diverged: {"step", "reason"}; training it again needs overwrite=true
 CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-<step>/
 TRAIN_METRICS, EVAL_METRICS = "train_metrics.jsonl", "eval_metrics.jsonl"  # records written while training

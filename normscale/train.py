@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from normscale.checkpoints import append_jsonl, remove_temporaries, truncate_metrics
+from normscale.checkpoints import append_jsonl, commit_pack, remove_temporaries, roll_forward, truncate_metrics
 from normscale.config import (Config, ConfigError, InterruptedRunError, NormscaleError, RunFailedError, RunHeldError,
                               RunRefusedError, lr_factor)
 from normscale.data import load_eval_splits, open_train_batches, plan_data, prepare_data
@@ -26,7 +26,8 @@ from normscale.data.seeds import stream_seed
 from normscale.data.store import check_budget, rank_rows, to_torch
 from normscale.dist import process_info
 from normscale.dist.accel import (check_replicas_identical, decided_on_main, finish_process, keep_freed_memory,
-                                  load_resume, make_accelerator, prepare, save_checkpoint, save_resume)
+                                  load_resume, make_accelerator, prepare, resume_info, save_checkpoint, save_resume,
+                                  stage_resume)
 from normscale.fileio import write_json
 from normscale.layout import (CONFIG_FILE, EVAL_METRICS, FAILED_FILE, LOCK_FILE, TRAIN_METRICS, identity_diff,
                               identity_hash, list_checkpoints, max_steps_change, read_config, read_failure,
@@ -254,7 +255,8 @@ def train_pack(jobs: list[tuple[Config, list[str]]]) -> list[tuple[NormscaleErro
             print(f"normscale: training {len(loops)} run(s) as one pack, "
                   f"{'stacked' if stack else 'their steps in turn'}", flush=True)
             preemption.training = True
-            failed = dict((id(loop), error) for loop, error in run_loops([loop for loop, _ in loops], stack))
+            failed = run_loops([loop for loop, _ in loops], stack, together=True)
+            failed = {id(loop): error for loop, error in failed}
             for loop, overrides in loops:
                 if id(loop) in failed:
                     print(f"normscale: {failed[id(loop)]}", file=sys.stderr, flush=True)
@@ -298,6 +300,8 @@ def claim_run(config: Config, overrides: list[str], held: ExitStack) -> Claim | 
     note = decided_on_main(accelerator, lambda: lock.acquire())
     if note:
         accelerator.print(f"normscale: {note}")
+    for note in decided_on_main(accelerator, lambda: roll_forward(run_dir)):  # a pack's save, committed before a kill
+        accelerator.print(f"normscale: {run_dir.name}: {note}")
     done = decided_on_main(accelerator, lambda: inspect_run(config, run_dir))
     if done == config.training_kwargs.max_steps:  # a finished sweep point: skip before touching data
         accelerator.print(f"normscale: {run_dir} is complete ({done} steps); overwrite=true trains it again")
@@ -360,13 +364,14 @@ def train_step(loop: Loop, batch: dict[str, torch.Tensor]) -> list[tuple[torch.T
     return chunks
 
 
-def run_loops(loops: list[Loop], stacked: bool = False) -> list[tuple[Loop, RunFailedError]]:
+def run_loops(loops: list[Loop], stacked: bool = False, together: bool = False) -> list[tuple[Loop, RunFailedError]]:
     """Step every loop until each is done (max_steps, or stopped by preemption): in turn, each by its own
     train_step, or (stacked) all at once as one model with a leading run axis (normscale.pack.stacked); after each
-    step its hooks run in order. A run whose training turns non-finite leaves with its error (returned); the others
-    go on."""
+    step its hooks run in order, then (together: a pack's runs) the pack's save if due (PackSaves). A run whose
+    training turns non-finite leaves with its error (returned); the others go on."""
     active, failed = list(loops), []
     stack = StackedLoops(loops) if stacked and loops else None
+    saves = PackSaves(loops) if together and loops else None
     try:
         while active:
             if stack is not None:
@@ -377,13 +382,59 @@ def run_loops(loops: list[Loop], stacked: bool = False) -> list[tuple[Loop, RunF
                 except RunFailedError as error:  # recorded in its run directory already
                     failed.append((loop, error))
                     active.remove(loop)
-                    continue
-                if loop.done:
-                    active.remove(loop)
+            for loop, error in saves.after_step(active) if saves else []:
+                failed.append((loop, error))
+                active.remove(loop)
+            active = [loop for loop in active if not loop.done]
     finally:  # closed before any error line is printed
         for loop in loops:
             loop.close()
     return failed
+
+
+class PackSaves:
+    """A pack's resume states: saved for every run still training at once and committed as one transaction
+    (checkpoints.commit_pack), so a kill never leaves its runs at different saves. A save is due at the checkpoint
+    steps of the run that finishes last, at any run's last step, and when the pack stops (a signal stops all its runs
+    at the same step). Checkpoints stay on each run's own schedule."""
+
+    def __init__(self, loops: list[Loop]):
+        for loop in loops:
+            loop.packed = True
+        self.lead(loops)
+
+    def lead(self, loops: list[Loop]) -> None:
+        self.leader = max(loops, key=lambda loop: loop.config.training_kwargs.max_steps - loop.step)
+        self.leader_steps = set(self.leader.config.checkpoint_steps)
+
+    def after_step(self, loops: list[Loop]) -> list[tuple[Loop, RunFailedError]]:
+        """After every run's hooks: save if due. Returns the runs found non-finite on the way, which leave."""
+        if not loops:
+            return []
+        if any(loop.stopping for loop in loops):  # the signal came while the pack's runs were taking their turns
+            for loop in loops:
+                loop.stopping = loop.step < loop.config.training_kwargs.max_steps
+        if self.leader not in loops:  # it failed
+            self.lead(loops)
+        if not (self.leader.step in self.leader_steps
+                or any(loop.stopping or loop.step == loop.config.training_kwargs.max_steps for loop in loops)):
+            return []
+        saving, failed = [], []
+        for loop in loops:
+            try:
+                loop.check_saveable()
+            except RunFailedError as error:
+                failed.append((loop, error))
+                continue
+            stage_resume(loop.accelerator, loop.run_dir, loop.step, loop.metrics.state)
+            saving.append(loop)
+        if saving:
+            commit_pack([(loop.run_dir, loop.step, resume_info(loop.accelerator, loop.identity)) for loop in saving])
+        for loop in saving:
+            if loop.stopping:
+                loop.accelerator.print(f"normscale: preempted; resume state saved at step {loop.step} "
+                                       f"({loop.run_dir.name})")
+        return failed
 
 
 def finish(loop: Loop, preemption: Preemption) -> None:
@@ -420,6 +471,7 @@ class Loop:
         self.stopping = False
         self.stack: StackedLoops | None = None  # a stacked pack's loop: its weights live there between syncs
         self.stale = False
+        self.packed = False  # a pack's run: its resume states are the pack's (PackSaves)
 
     def advance(self, stepped: bool = False) -> None:
         """One training step (unless a stacked pack has just made it), then every hook."""
@@ -482,6 +534,12 @@ class Loop:
         raise RunFailedError(f"run {self.run_dir} failed: {reason}; recorded in {FAILED_FILE}, checkpoints up to step "
                              f"{self.last_finite} kept; lower training_kwargs.learning_rate, then train it again with "
                              "overwrite=true")
+
+    def check_saveable(self) -> None:
+        """Bring the model up to date and check that nothing non-finite would be saved (RunFailedError)."""
+        self.sync()
+        if "train" not in self.logged:  # a logging step has just checked
+            self.check_finite(self.metrics.reduced(self.accelerator)[2])
 
     def save_checkpoint(self) -> None:
         training = self.config.training_kwargs
@@ -589,9 +647,9 @@ class ProgressBar(Hook):
 
 
 class SaveState(Hook):
-    """Checkpoints on the schedule, the resume state with them, and preemption: on a signal every rank agrees to stop
-    at the same step, saves the resume state, and the signal's previous handler (submitit's requeue) runs. Nothing
-    non-finite is ever saved."""
+    """Checkpoints on the schedule, the resume state with them (a pack's: PackSaves), and preemption: on a signal
+    every rank agrees to stop at the same step, saves the resume state, and the signal's previous handler (submitit's
+    requeue) runs. Nothing non-finite is ever saved."""
 
     def __init__(self, preemption: Preemption, checkpoint_steps: set[int]):
         self.preemption, self.checkpoint_steps = preemption, checkpoint_steps
@@ -603,11 +661,11 @@ class SaveState(Hook):
             self.preemption, loop.accelerator, loop.step, training.log_every)
         if not (checkpoint or loop.stopping):
             return
-        loop.sync()
-        if "train" not in loop.logged:  # a logging step has just checked
-            loop.check_finite(loop.metrics.reduced(loop.accelerator)[2])
+        loop.check_saveable()
         if checkpoint:
             loop.save_checkpoint()
+        if loop.packed:  # the pack saves its runs' resume states together
+            return
         save_resume(loop.accelerator, loop.run_dir, loop.step, loop.metrics.state, loop.identity)
         if loop.stopping:
             loop.accelerator.print(f"normscale: preempted; resume state saved at step {loop.step} ({loop.run_dir.name})")

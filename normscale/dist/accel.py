@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from safetensors.torch import load_file, save_file
 
-from normscale.checkpoints import choose_resume, publish_resume, write_checkpoint
+from normscale.checkpoints import choose_resume, publish_resume, resume_record, write_checkpoint
 from normscale.config import Config, ConfigError, FaultError, NormscaleError, RunRefusedError
 from normscale.dist import process_info
 from normscale.fileio import disk_full_guard
@@ -146,11 +146,10 @@ def accumulators_file(rank: int) -> str:
     return f"accumulators-{rank}.safetensors"
 
 
-def save_resume(accelerator: Accelerator, run_dir: Path, step: int, accumulators: dict[str, torch.Tensor],
-                info: dict) -> None:
-    """The rolling resume state at `step`: model, optimizer, scheduler, RNG (sharded as the run is), and each rank's
-    metric accumulators, so a resumed run logs exactly what an uninterrupted one would. Collective: every rank writes
-    its part into the staging directory, then the main process records their hashes and publishes it atomically."""
+def stage_resume(accelerator: Accelerator, run_dir: Path, step: int, accumulators: dict[str, torch.Tensor]) -> None:
+    """Write the resume state at `step` into its staging directory, not yet complete: model, optimizer, scheduler,
+    RNG (sharded as the run is), and each rank's metric accumulators, so a resumed run logs exactly what an
+    uninterrupted one would. Collective."""
     staging = resume_state_dir(run_dir, step)
     if accelerator.is_main_process and staging.exists():  # left by a save that did not finish
         shutil.rmtree(staging)
@@ -160,9 +159,20 @@ def save_resume(accelerator: Accelerator, run_dir: Path, step: int, accumulators
         save_file({k: v.detach().cpu().contiguous() for k, v in accumulators.items()},
                   staging / accumulators_file(accelerator.process_index))
     accelerator.wait_for_everyone()
+
+
+def resume_info(accelerator: Accelerator, info: dict) -> dict:
+    """What a resume state records besides its files: `info` and the launch it was saved by."""
+    return {**info, "world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type)}
+
+
+def save_resume(accelerator: Accelerator, run_dir: Path, step: int, accumulators: dict[str, torch.Tensor],
+                info: dict) -> None:
+    """The rolling resume state at `step`: every rank writes its part (stage_resume), then the main process records
+    their hashes and publishes it atomically. Collective."""
+    stage_resume(accelerator, run_dir, step, accumulators)
     if accelerator.is_main_process:
-        publish_resume(run_dir, step, {**info, "world_size": accelerator.num_processes,
-                                       "distributed_type": str(accelerator.distributed_type)})
+        publish_resume(run_dir, step, resume_record(run_dir, step, resume_info(accelerator, info)))
     accelerator.wait_for_everyone()
 
 
