@@ -1,6 +1,5 @@
 """A pack's resume states are saved together and committed as one transaction (normscale.checkpoints.commit_pack,
 normscale.train.PackSaves): a kill never leaves a pack's runs at different saves."""
-import json
 import os
 import random
 import signal
