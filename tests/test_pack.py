@@ -195,6 +195,20 @@ def test_run_loops_trains_each_run_of_a_pack_as_its_solo_run(solo_runs, setting,
             assert torch.equal(objectives[k], solo_objectives) and torch.equal(norms[k], solo_norms)
 
 
+def test_a_compiled_stacked_pack_is_compiled_and_matches_its_eager_solo_runs(solo_runs):
+    """training_kwargs.compile=true compiles the stacked forward (vmap inside the graph) instead of dropping it."""
+    from torch._dynamo.utils import counters
+
+    solos = solo_runs("balls_and_urns", "transformer", "sp")
+    configs = [dataclasses.replace(c, training_kwargs=dataclasses.replace(c.training_kwargs, compile=True))
+               for c in pack_configs("balls_and_urns", "transformer", "sp")]
+    counters.clear()
+    loops, _, _ = train_loops(configs, stacked=True)
+    assert counters["stats"]["unique_graphs"] == 1 and counters["inductor"]  # one graph, made by inductor
+    assert max((loops[k].model.state_dict()[n] - v).abs().max().item()
+               for k, (model, *_) in enumerate(solos) for n, v in model.state_dict().items()) <= WEIGHT_TOLERANCE
+
+
 def test_run_state_round_trips_in_the_solo_formats(solo_runs):
     """Run k's weights load into a solo model; its AdamW state fills a solo torch.optim.AdamW whose state_dict has the
     solo layout and close values, and reads back into a fresh pack."""

@@ -4,7 +4,8 @@ Each run keeps what its solo run has: its own initialisation (the caller builds 
 its own batches, learning-rate schedule (config.lr_factor with muP's per-parameter scales), clipping by its own
 gradient norm, and its own AdamW state. StackedRuns steps them (`step(batches) -> PackStep`): one forward and
 backward for all runs, torch.func.functional_call over a meta-device template under torch.func.vmap (stacked
-matmuls), per-run clipping and a per-run AdamW on the stacked tensors. Equal to solo up to fp32 rounding (batched
+matmuls; compiled with it under training_kwargs.compile), per-run clipping and a per-run AdamW on the stacked
+tensors. Equal to solo up to fp32 rounding (batched
 kernels sum in another order). StackedLoops steps normscale.train's Loops that way; a pack's other execution, its
 runs in turn, is normscale.train's own step (run_loops).
 
@@ -71,7 +72,7 @@ def run_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class StackedModel:
     """N models of one shape as stacked tensors: params[name] is (N, *solo shape), a leaf requiring grad."""
 
-    def __init__(self, models: Sequence[nn.Module]):
+    def __init__(self, models: Sequence[nn.Module], compile: bool = False):
         signature = module_signature(models[0])
         for k, model in enumerate(models[1:], 1):
             if module_signature(model) != signature:
@@ -81,12 +82,17 @@ class StackedModel:
         self.params, self.buffers = stack_module_state(list(models))
         self.template = copy.deepcopy(models[0]).to("meta")  # the function; the values come from params
         self.lr_scales = dict(models[0].lr_scales)
+        self.forward = torch.compile(self.stacked_forward) if compile else self.stacked_forward
+
+    def stacked_forward(self, params, buffers, batch):
+        def one_run(run_params, run_buffers, run_batch):
+            return functional_call(self.template, (run_params, run_buffers), (run_batch,))
+        return vmap(one_run)(params, buffers, batch)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(N, B, ...) batch tensors -> (N, B, ...) outputs, run k through its own parameters."""
-        def one_run(params, buffers, run_batch):
-            return functional_call(self.template, (params, buffers), (run_batch,))
-        return vmap(one_run)(self.params, self.buffers, batch)
+        """(N, B, ...) batch tensors -> (N, B, ...) outputs, run k through its own parameters (compiled, vmap
+        included, when the runs train compiled)."""
+        return self.forward(self.params, self.buffers, batch)
 
     def state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Run k's weights under the solo model's names (a solo checkpoint; loads into build_model's model)."""
@@ -213,7 +219,7 @@ class StackedRuns:
                  autocast=contextlib.nullcontext):
         check_pack(models, settings, trainings)
         self.autocast = autocast
-        self.model = StackedModel(models)
+        self.model = StackedModel(models, compile=trainings[0].compile)
         self.setting = settings[0]  # its objective is per sequence and depends on the task only through shapes
         self.trainings = list(trainings)
         self.optimizer = StackedAdamW(self.model.params, self.model.lr_scales, trainings)
@@ -249,12 +255,12 @@ class StackedRuns:
 
 
 def check_pack(models: Sequence[nn.Module], settings: Sequence, trainings: Sequence[TrainingConfig]) -> None:
-    """One model, setting and training config per run; runs share the setting's class and batch size."""
+    """One model, setting and training config per run; runs share the setting's class, batch size and compile."""
     if not len(models) == len(settings) == len(trainings) or not models:
         raise ValueError(f"a pack needs one model, setting and training config per run; got {len(models)}, "
                          f"{len(settings)}, {len(trainings)}")
-    if len({type(s) for s in settings}) != 1 or len({t.batch_size for t in trainings}) != 1:
-        raise ValueError("runs of a pack share the setting and the batch size")
+    if len({type(s) for s in settings}) != 1 or len({(t.batch_size, t.compile) for t in trainings}) != 1:
+        raise ValueError("runs of a pack share the setting, the batch size and training_kwargs.compile")
     if any(t.gradient_accumulation_steps != 1 for t in trainings):
         raise ValueError("packs train with gradient_accumulation_steps=1")
 
