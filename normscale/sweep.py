@@ -197,10 +197,12 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
         print(f"normscale: {count['failed'] + count['conflict']} failed or conflicting point(s) are not submitted; "
               f"{FIX}")
     if not todo:
+        print(cost_line(points, states, 0))
         return None
     res = resources()
     size = array_pack_size(points[0].config.pack, res)
     packs = show_packs([points[i] for i in todo], todo, size) if size > 1 else None
+    print(cost_line(points, states, len(packs) if packs else len(todo)))
     per_task = processes_per_task(res) if packs else 1
     throttle = int(res["throttle"]) if throttle is None else throttle
     experiment = experiment_dir(points[0].config)
@@ -232,6 +234,17 @@ def plan(overrides: list[str], submit: bool, throttle: int | None) -> Path | Non
     write_json(manifest, record)
     print(f"normscale: manifest {manifest}")
     return manifest
+
+
+def cost_line(points: list[Point], states: list[str], packs: int) -> str:
+    """The sweep's size: run-steps (max_steps summed over the points) and sequences (times each point's batch size),
+    the run-steps still to train (a started point's resume step deducted) and the packs they form."""
+    total = sum(p.max_steps for p in points)
+    sequences = sum(p.max_steps * p.config.training_kwargs.batch_size for p in points)
+    left = sum(p.max_steps - (p.step() or 0 if s == "started" else 0)
+               for p, s in zip(points, states) if s not in SKIPPED)
+    return (f"normscale: cost: {total} run-steps ({sequences} sequences) over {len(points)} point(s); {left} "
+            f"run-steps to run in {packs} pack(s)")
 
 
 def show_packs(points: list[Point], indices: list[int], size: int) -> list[list[int]]:
