@@ -76,8 +76,9 @@ def test_the_cost_line_counts_packs_and_the_canonical_slice_is_an_override(capsy
     assert len(points) == 33
 
 
-def test_the_cpu_variant_is_the_canonical_run_made_short(tmp_path):
+def test_the_cpu_variant_is_the_canonical_model_on_shorter_urns(tmp_path):
     config = compose_config("experiment=paper_urns_cpu", f"cache_dir={tmp_path}")
     canonical = compose_config("experiment=paper_urns", f"cache_dir={tmp_path}")
-    assert config.task_kwargs == canonical.task_kwargs and config.model_kwargs == canonical.model_kwargs
-    assert config.training_kwargs.batch_size == 64 and config.training_kwargs.max_steps == 1500
+    assert config.model_kwargs == canonical.model_kwargs and config.task_kwargs.num_dims == 8
+    assert (config.task_kwargs.context_length, config.training_kwargs.batch_size) == (64, 32)
+    assert config.training_kwargs.learning_rate == canonical.training_kwargs.learning_rate
