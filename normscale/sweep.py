@@ -10,15 +10,16 @@
     python -m normscale.sweep train-pack --manifest PATH --index I         train array task I's packs (--pack K: one)
 
 The grid is the experiment preset's `hydra.sweeper.params` crossed with the command line's `-m`-style overrides
-(comma lists; the command line wins for a key in both), exactly the points `python -m normscale.train -m` runs,
-with the same run directories (no `-m` here: these commands always sweep). `plan` prints the sweep's cost (run-steps,
+(comma lists; the command line wins for a key in both), exactly the points `python -m normscale.train -m` runs, with
+the same run directories (no `-m` here: these commands always sweep). `plan` prints the sweep's cost (run-steps,
 sequences, packs) and the sbatch command(s) it would submit; `plan --submit` skips finished points (resume state at
 max_steps), failed ones (failed.json: a non-finite loss, shown with its reason) and conflicting ones (a run
 directory trained with another identity, shown with the keys that differ), writes
 <experiment>/sweeps/<stamp>-<hash>.json (points, submitted indices, job ids, resources), and submits slurm/sweep.sh
-as one array per chunk of at most MaxArraySize indices (`scontrol show config`), throttled with `%N`. Array task i of a chunk runs point offset + i of the manifest: a requeued or
-resubmitted task maps to the same point even if the preset changed since. Site settings (partition, account, time,
-GPUs and CPUs per task) come from slurm/site.env (the one place to edit them; the environment wins).
+as one array per chunk of at most MaxArraySize indices (`scontrol show config`), throttled with `%N`. Array task i
+of a chunk runs point offset + i of the manifest: a requeued or resubmitted task maps to the same point even if the
+preset changed since. Site settings (partition, account, time, GPUs and CPUs per task) come from slurm/site.env (the
+one place to edit them; the environment wins).
 
 With pack=N > 1 the manifest also records the packs the unfinished points form (normscale.pack.forming: lists of
 point indices), and each array task trains G packs, one process each (G = NORMSCALE_PROCESSES_PER_TASK, else the

@@ -82,3 +82,11 @@ def test_the_cpu_variant_is_the_canonical_model_on_shorter_urns(tmp_path):
     assert config.model_kwargs == canonical.model_kwargs and config.task_kwargs.num_dims == 8
     assert (config.task_kwargs.context_length, config.training_kwargs.batch_size) == (64, 32)
     assert config.training_kwargs.learning_rate == canonical.training_kwargs.learning_rate
+
+
+def test_the_cost_line_leaves_out_finished_steps(monkeypatch, tmp_path):
+    points = [sweep.resolve([f"cache_dir={tmp_path}", f"task_kwargs.num_tasks={D}", "training_kwargs.max_steps=100",
+                             "training_kwargs.batch_size=8"]) for D in (2, 4, 8, 16)]
+    monkeypatch.setattr(sweep.Point, "step", lambda self: 40)  # a resume state at step 40 where there is one
+    line = sweep.cost_line(points, ["finished", "started", "missing", "failed"], 2)
+    assert line == "normscale: cost: 400 run-steps (3200 sequences) over 4 point(s); 160 run-steps to run in 2 pack(s)"
