@@ -242,7 +242,7 @@ def cost_line(points: list[Point], states: list[str], packs: int) -> str:
     the run-steps still to train (a started point's resume step deducted) and the packs they form."""
     total = sum(p.max_steps for p in points)
     sequences = sum(p.max_steps * p.config.training_kwargs.batch_size for p in points)
-    left = sum(p.max_steps - (p.step() or 0 if s == "started" else 0)
+    left = sum(p.max_steps - ((p.step() or 0) if s == "started" else 0)
                for p, s in zip(points, states) if s not in SKIPPED)
     return (f"normscale: cost: {total} run-steps ({sequences} sequences) over {len(points)} point(s); {left} "
             f"run-steps to run in {packs} pack(s)")
