@@ -12,7 +12,8 @@ from scipy.special import expit, log_softmax, logit, rel_entr
 
 from normscale import settings
 from normscale.analysis.normative import (NUM_STARTS, Cell, _fit_flags, _Objective, cell_loss, complexity_bits, fit,
-                                          memorizing_weight, predict, split_cells, transition_step)
+                                          interpolation_cutoffs, interpolation_distance, memorizing_weight, predict,
+                                          split_cells, transition_step)
 from normscale.config import checkpoint_schedule
 
 STEPS = np.unique(np.round(np.linspace(0, math.sqrt(1e5), 30) ** 2).astype(int))  # a sqrt-like grid, 0 .. 1e5
@@ -351,3 +352,48 @@ def test_fit_flags_a_point_that_is_not_a_minimum_and_states_why_a_statistic_is_u
     everything = fit(cells, "balls_and_urns", fraction=1.0, num_starts=1)
     assert everything.undefined == {"held_out_loss": "no held-out cells", "pearson_r_held_out": "no held-out cells"}
     assert json.loads(json.dumps(everything.to_json_dict()))["undefined"] == everything.undefined
+
+
+def test_interpolation_distance_is_zero_on_the_mixture_and_rises_off_it():
+    rng = np.random.default_rng(6)
+    M, G = rng.normal(size=(2, 5, 7))
+    regression = Cell(D=4, step=10, T=0.3 * M + 0.7 * G, M=M, G=G, K_M=2e3, K_G=1e3, L_M=0.1, L_G=0.2)
+    assert interpolation_distance(regression, "regression") == pytest.approx(0, abs=1e-12)  # w = 0.3 exactly
+    T = regression.T + 1.0
+
+    def mse(a, b):
+        return np.mean((a - b) ** 2)
+
+    w = (1 + np.clip((mse(T, G) - mse(T, M)) / mse(M, G), -1, 1)) / 2
+    expected = mse(T, w * M + (1 - w) * G)
+    assert interpolation_distance(replace(regression, T=T), "regression") == pytest.approx(expected, rel=1e-12)
+    assert 0.5 < expected <= 1.0  # at most the distance 1 to the mixture at w = 0.3
+    M, G = log_softmax(3 * rng.normal(size=(2, 5, 6, 4)), -1)
+    categorical = Cell(D=4, step=10, T=M, M=M, G=G, K_M=2e3, K_G=1e3, L_M=0.1, L_G=0.2)
+    assert interpolation_distance(categorical, "categorical") == pytest.approx(0, abs=1e-12)  # r clips to 1
+    assert interpolation_distance(replace(categorical, T=G), "categorical") == pytest.approx(0, abs=1e-12)
+    uniform = replace(categorical, T=np.full_like(M, -math.log(4)))
+
+    def sym_kl(a, b):  # RI's: (KL(b || a) + KL(a || b)) / 2, summed over classes, averaged over the rest
+        return (rel_entr(np.exp(a), np.exp(b)).sum(-1).mean() + rel_entr(np.exp(b), np.exp(a)).sum(-1).mean()) / 2
+
+    T = uniform.T
+    w = (1 + np.clip((sym_kl(T, G) - sym_kl(T, M)) / sym_kl(M, G), -1, 1)) / 2
+    expected = sym_kl(T, np.log(w * np.exp(M) + (1 - w) * np.exp(G)))
+    assert interpolation_distance(uniform, "categorical") == pytest.approx(expected, rel=1e-10) and expected > 0.01
+
+
+def test_interpolation_cutoffs_take_the_first_step_below_the_threshold_and_the_largest_over_D():
+    steps = [0, 10, 20, 30, 40, 50]
+    rows = [  # (group, D, distances over steps)
+        ("a", 4, [1.0, 0.5, 0.19, 0.1, 0.0, 0.05]),  # threshold 0 + 0.2 * 1 = 0.2: first below at step 20
+        ("a", 64, [2.0, 1.5, 1.0, 0.4, 0.3, 0.0]),  # threshold 0.4: 0.4 is not below it, 0.3 is: step 40
+        ("b", 4, [1.0, 0.9, 0.2, 0.0, 0.1, 0.1]),  # threshold 0.2, 0.2 not below: step 30
+        ("c", 4, [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]),  # flat: nothing below min + 0: inf
+    ]
+    groups, Ds, all_steps, distances = zip(*[(g, D, s, d) for g, D, ds in rows for s, d in zip(steps, ds)])
+    assert interpolation_cutoffs(groups, Ds, all_steps, distances, 0.2) == {"a": 40, "b": 30, "c": math.inf}
+    # checkpoints of two seeds pool, in step order whatever the input order
+    order = [5, 3, 1, 0, 2, 4]
+    assert interpolation_cutoffs(["a"] * 12, [4] * 12, [steps[i] for i in order] * 2,
+                                 [rows[0][2][i] for i in order] + [0.9] * 6, 0.2) == {"a": 20}

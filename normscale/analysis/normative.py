@@ -57,6 +57,7 @@ OUTPUTS = ("categorical", "regression")
 BOUNDS = {"alpha": (1e-4, 1 - 1e-4), "beta": (1e-4, 2.0), "gamma": (1e-12, 1e12)}
 NUM_STARTS = 5  # L-BFGS-B runs per fit: the setting's fit_start and the best 4 of START_GRID
 START_GRID = {"alpha": (0.3, 0.6, 0.9), "beta": (0.1, 0.3, 0.6), "gamma_factor": (0.03, 1.0, 30.0)}
+INTERPOLATION_FRACTION = {"categorical": 0.2, "regression": 0.1}  # RI's threshold_percentile (0.1 for regression)
 SATURATION = 0.01  # a predicted w_M below it, or above 1 - it, is saturated
 BLOCK_ELEMENTS = 2**20  # the objective's categorical arrays are processed in blocks of at most this many numbers
 STALL_PROBE = 0.5  # step along each axis of (logit alpha, log beta, log gamma) that tests a solution for a minimum
@@ -455,3 +456,46 @@ def fit(cells: Sequence[Cell], setting: str, init: tuple[float, float, float] | 
         pearson_r_held_out=r_held_out, pearson_r_all=r_all, n_fit_cells=len(fit_cells), n_held_out_cells=len(held_out),
         converged=best.converged, message=best.message, transition_steps=transition_steps, flags=best.flags,
         undefined=undefined, starts=starts)
+
+
+def _distance(a: np.ndarray, b: np.ndarray, output: str) -> float:
+    """SPEC C's distance: the symmetrised KL over the last axis averaged over the others (categorical
+    log-probabilities), or the mean squared difference (regression)."""
+    if output == "categorical":
+        return float(np.mean(np.sum((np.exp(a) - np.exp(b)) * (a - b), axis=-1)) / 2)
+    return float(np.mean((a - b) ** 2))
+
+
+def interpolation_distance(cell: Cell, output: str) -> float:
+    """d(T, w M + (1 - w) G) on the cell's own outputs (SPEC C; RI's compute_barycentric_weights for two
+    predictors): w = (1 + r) / 2 with r = (d(T, G) - d(T, M)) / d(M, G) clipped to [-1, 1]; the mixture is of
+    probabilities for categorical outputs, of predictions for regression."""
+    _check_output(output)
+    T, M, G = (np.asarray(a, np.float64) for a in (cell.T, cell.M, cell.G))
+    r = np.clip((_distance(T, G, output) - _distance(T, M, output)) / _distance(M, G, output), -1, 1)
+    w = (1 + r) / 2
+    if output == "categorical":
+        with np.errstate(divide="ignore"):  # w = 0 or 1: log 0 = -inf leaves the other predictor alone
+            mixture = np.logaddexp(np.log(w) + M, np.log1p(-w) + G)
+    else:
+        mixture = w * M + (1 - w) * G
+    return _distance(T, mixture, output)
+
+
+def interpolation_cutoffs(groups: Sequence, Ds: Sequence[int], steps: Sequence[int], distances: Sequence[float],
+                          fraction: float) -> dict:
+    """RI's find_approximate_interpolation_threshold (rational-icl src/code/analysis_utils.py): for each (group, D),
+    over its checkpoints (all runs pooled), the threshold min + fraction (max - min) of the interpolation distances
+    and the first step (ascending) whose distance is below it (inf if none); a group's cut-off is the largest over
+    its D values. Checkpoints at or after their group's cut-off are the ones RI fits. Returns {group: cut-off step}."""
+    by_group_D: dict[tuple, list[tuple[int, float]]] = {}
+    for group, D, step, distance in zip(groups, Ds, steps, distances, strict=True):
+        by_group_D.setdefault((group, D), []).append((step, distance))
+    cutoffs: dict = {}
+    for (group, _), points in by_group_D.items():
+        points.sort(key=lambda point: point[0])
+        values = [d for _, d in points]
+        threshold = min(values) + (max(values) - min(values)) * fraction
+        first_below = next((step for step, d in points if d < threshold), math.inf)
+        cutoffs[group] = max(cutoffs.get(group, -math.inf), first_below)
+    return cutoffs
