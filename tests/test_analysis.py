@@ -1,5 +1,6 @@
 """SPEC C's summary quantities computed by the analysis (the observed transition step and the threshold D*) and what
 its figures draw."""
+import math
 from dataclasses import replace
 
 import matplotlib.pyplot as plt
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 
 from normscale.analysis import figures
-from normscale.analysis.normative import Cell
-from normscale.analysis.report import checkpoints_to_fit, observed_transition_step, task_diversity_threshold
+from normscale.analysis.normative import Cell, FitResult
+from normscale.analysis.report import (checkpoints_to_fit, fit_line, observed_transition_step,
+                                       task_diversity_threshold)
 from normscale.config import NormscaleError
 
 
@@ -89,3 +91,16 @@ def test_checkpoints_to_fit_keep_the_steps_past_each_groups_interpolation_thresh
     flat = [replace(c, T=0.5 * (M + G) + noise) for c in cells]  # no checkpoint falls below its threshold
     with pytest.raises(NormscaleError, match="no checkpoint to fit"):
         checkpoints_to_fit("interpolation_threshold", flat, groups, "regression")
+
+
+def test_fit_line_states_flags_and_why_the_held_out_r_is_undefined():
+    result = FitResult(setting="classification", alpha=0.7, beta=0.3, gamma=2.0, fit_loss=1e-3,
+                       held_out_loss=math.nan, pearson_r_held_out=math.nan, pearson_r_all=0.9, n_fit_cells=10,
+                       n_held_out_cells=0, converged=True, message="", transition_steps={},
+                       flags=["beta at its bound 2"], undefined={"pearson_r_held_out": "no held-out cells"})
+    line = fit_line(result, {"fit_from": "interpolation_threshold", "n_cells": 10, "n_cells_total": 30})
+    assert line == ("normscale: fit alpha=0.700 beta=0.300 gamma=2 on 10 of 30 cells past the interpolation "
+                    "threshold; held-out Pearson r(w_M) undefined: no held-out cells; FLAGS: beta at its bound 2")
+    clean = replace(result, pearson_r_held_out=0.95, flags=[], undefined={})
+    assert fit_line(clean, {"fit_from": "all"}) == (
+        "normscale: fit alpha=0.700 beta=0.300 gamma=2; held-out Pearson r(w_M) 0.950")

@@ -23,17 +23,32 @@ here (`complexity_bits`): a program cost K0 = PROGRAM_BITS = 1024 bits, the same
                 linear_regression sigma^2 and tau^2 (2); classification the exemplar noise w (1).
 So K_M grows linearly in D and K_G does not depend on D.
 
-Fitting (`fit`): alpha in (0, 1), beta > 0 and gamma > 0 are optimised as (logit alpha, log beta, log gamma) by
-scipy's L-BFGS-B with analytic gradients, within BOUNDS, from the setting's fit_start = (beta, alpha, gamma). The
-objective is the mean over (N, D) cells of the per-cell loss (`cell_loss`): for categorical outputs (T, M, G
-log-probabilities; balls_and_urns (n, C, V), classification (n, 2)) KL(T || h) over the last axis, averaged over
-the others; for regression (linear_regression (n, C) predictions) the mean squared error between T and h. Only the
-cells `split_cells` keeps are fitted (the first 80% of each D's checkpoints x the smallest 80% of the D values); the
-others are held out. Reported (`FitResult`): the fitted parameters, fit and held-out losses, the Pearson r between
-predicted and observed w_M on the held-out cells and on all cells, and N*(D) for every D.
+Fitting (`fit`): alpha in (0, 1), beta > 0 and gamma > 0 are optimised as u = (logit alpha, log beta, log gamma) by
+scipy's L-BFGS-B with analytic gradients, within BOUNDS. The objective is the mean over (N, D) cells of the per-cell
+loss (`cell_loss`): for categorical outputs (T, M, G log-probabilities; balls_and_urns (n, C, V), classification
+(n, 2)) KL(T || h) over the last axis, averaged over the others; for regression (linear_regression (n, C)
+predictions) the mean squared error between T and h. Only the cells `split_cells` keeps are fitted (the first 80% of
+each D's checkpoints x the smallest 80% of the D values); the others are held out.
+A single start can stall: from SPEC D's classification start the first L-BFGS-B step can take beta to its bound,
+where every predicted w_M is 0 and the gradient vanishes (tests/test_normative.py reproduces it with the Bayes
+predictors' outputs). So `fit` runs NUM_STARTS starts (`candidate_starts`): the setting's fit_start = (beta, alpha,
+gamma) and the best NUM_STARTS - 1 points, by the objective there, of START_GRID (alpha 0.3, 0.6, 0.9 x beta 0.1, 0.3,
+0.6 x gamma 0.03, 1, 30 times the start's); it keeps the lowest fit loss (ties: the setting's start). Each start's
+result is in FitResult.starts. `flags` say what makes the chosen solution doubtful (empty when clean): every fitted
+cell's predicted w_M below SATURATION (or above 1 - SATURATION); "stalled": a step of STALL_PROBE along an axis of u
+lowers the loss (not a minimum); a parameter at its bound; no convergence. Reported (`FitResult`): the fitted
+parameters, fit and held-out losses, the Pearson r between predicted and observed w_M on the held-out cells and on
+all cells, N*(D) for every D, and for each NaN among them the reason (`undefined`).
 
-Public API: PROGRAM_BITS, BOUNDS, complexity_bits, memorizing_weight, transition_step, Cell,
-predict, cell_loss, split_cells, fit, FitResult. All arithmetic is float64 whatever the inputs' dtype.
+The paper's checkpoint filter (`interpolation_distance`, `interpolation_cutoffs`; `fit_from=interpolation_threshold`
+in normscale.analysis.report): RI fits only the checkpoints past an approximate interpolation threshold. A cell's
+interpolation distance is d(T, w M + (1 - w) G) with SPEC C's distance d and w = (1 + r) / 2 from T, M, G themselves;
+per (group, D) the threshold is min + p (max - min) over its checkpoints (p = INTERPOLATION_FRACTION: 0.1 regression,
+0.2 categorical), the first step below it its cut-off (inf if none), and a group's cut-off the largest over its D.
+
+Public API: PROGRAM_BITS, BOUNDS, NUM_STARTS, START_GRID, complexity_bits, memorizing_weight, transition_step, Cell,
+predict, cell_loss, split_cells, candidate_starts, fit, FitResult, FitStart, interpolation_distance,
+interpolation_cutoffs. All arithmetic is float64 whatever the inputs' dtype.
 """
 from __future__ import annotations
 

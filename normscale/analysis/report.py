@@ -12,7 +12,9 @@ steps, D*, final w_M per D) and the figures as PNG:
 Cells of the fit are (run, checkpoint) pairs of the trained models, on the ID split's fit subset, with M's and G's
 predictions on the same sequences from the Bayes rows of the run's dataset (`python -m normscale.eval
 model=bayes model_kwargs.kind=memorizing,generalizing -m`). L_s(D) is the median-of-means strategy loss of the
-Bayes rows, averaged over the datasets (seeds) with that D; K_s(D) is normative.complexity_bits.
+Bayes rows, averaged over the datasets (seeds) with that D; K_s(D) is normative.complexity_bits. fit_from=all (the
+default) fits every cell; fit_from=interpolation_threshold only those past RI's interpolation threshold
+(`checkpoints_to_fit`), recorded in summary.json's fit.checkpoints.
 """
 from __future__ import annotations
 
