@@ -27,6 +27,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
 PARAMETRIZATIONS = ("sp", "mup")
 EVAL_MODES = ("standard", "single_task")
+FIT_FROM = ("all", "interpolation_threshold")
 MAX_LEARNING_RATE = 1e30
 
 
@@ -269,6 +270,7 @@ class Config:
     cache_dir: str = "./cache"
     pack: int | str = 1  # runs of one shape trained together (normscale.pack); 1: solo; auto: as many as fit a GPU
     pack_execution: str = "auto"  # stacked | in_turn | auto (stacked on a GPU, in turn on a CPU: bench/bench_pack.py)
+    fit_from: str = "all"  # checkpoints the normative fit uses: all | interpolation_threshold (RI's filter)
     task_kwargs: TaskConfig = field(default_factory=TaskConfig)
     data_kwargs: DataConfig = field(default_factory=DataConfig)
     model_kwargs: ModelConfig = field(default_factory=ModelConfig)
@@ -301,6 +303,7 @@ class Config:
                 raise ConfigError(f"pack={self.pack!r} must be a number of runs or auto")
             _at_least("pack", self.pack, 1, " (runs per pack; 1 trains each run alone)")
         _choice("pack_execution", self.pack_execution, PACK_EXECUTIONS)
+        _choice("fit_from", self.fit_from, FIT_FROM)
         for key in SECTIONS:
             getattr(self, key).check(key)
         total = self.eval_kwargs.batch_size * self.eval_kwargs.num_eval_batches

@@ -1,10 +1,17 @@
 """SPEC C's summary quantities computed by the analysis (the observed transition step and the threshold D*) and what
 its figures draw."""
+import math
+from dataclasses import replace
+
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from normscale.analysis import figures
-from normscale.analysis.report import observed_transition_step, task_diversity_threshold
+from normscale.analysis.normative import Cell, FitResult
+from normscale.analysis.report import (checkpoints_to_fit, fit_line, observed_transition_step,
+                                       task_diversity_threshold)
+from normscale.config import NormscaleError
 
 
 def test_transition_step_is_the_first_checkpoint_after_which_w_m_stays_above_half():
@@ -54,3 +61,46 @@ def test_loss_against_width_draws_the_seed_mean_per_d(tmp_path):
     assert ax.get_xscale() == "log" and ax.get_ylabel() == "kl"
     path = figures.save(fig, tmp_path / "loss_vs_width.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoints_to_fit_keep_the_steps_past_each_groups_interpolation_threshold():
+    rng = np.random.default_rng(0)
+    M, G, noise = rng.normal(size=(3, 16, 8))
+    steps = [0, 100, 200, 300, 400, 500]
+    amplitude = {  # (group, D) -> how far T is from the M-G line at each step: the threshold falls at a known step
+        ((4.0, 8, 64), 4): [3, 2, 0.5, 0.1, 0.1, 0.1],  # first below at step 200 (0.5^2 << 0.2 x 3^2)
+        ((4.0, 8, 64), 64): [3, 3, 2, 2, 0.5, 0.1],  # step 400: the group's cut-off
+        ((1.0, 8, 64), 4): [3, 0.5, 0.1, 0.1, 0.1, 0.1],  # step 100
+    }
+    cells, groups = [], []
+    for (group, D), amplitudes in amplitude.items():
+        for step, a in zip(steps, amplitudes):
+            cells.append(Cell(D=D, step=step, T=0.5 * (M + G) + a * noise, M=M, G=G, K_M=2e3, K_G=1e3, L_M=0.1,
+                              L_G=0.2))
+            groups.append(group)
+    assert checkpoints_to_fit("all", cells, groups, "regression") == (
+        cells, {"fit_from": "all", "n_cells": 18, "n_cells_total": 18})
+    used, record = checkpoints_to_fit("interpolation_threshold", cells, groups, "regression")
+    used_ids = {id(c) for c in used}
+    assert [(g, c.D, c.step) for c, g in zip(cells, groups) if id(c) in used_ids] == (
+        [((4.0, 8, 64), D, s) for D in (4, 64) for s in (400, 500)] + [((1.0, 8, 64), 4, s) for s in steps[1:]])
+    assert record == {"fit_from": "interpolation_threshold", "threshold_fraction": 0.1,
+                      "cutoff_step": {"mlp_expansion_factor=4.0,num_dims=8,context_length=64": 400,
+                                      "mlp_expansion_factor=1.0,num_dims=8,context_length=64": 100},
+                      "n_cells": 9, "n_cells_total": 18}
+    flat = [replace(c, T=0.5 * (M + G) + noise) for c in cells]  # no checkpoint falls below its threshold
+    with pytest.raises(NormscaleError, match="no checkpoint to fit"):
+        checkpoints_to_fit("interpolation_threshold", flat, groups, "regression")
+
+
+def test_fit_line_states_flags_and_why_the_held_out_r_is_undefined():
+    result = FitResult(setting="classification", alpha=0.7, beta=0.3, gamma=2.0, fit_loss=1e-3,
+                       held_out_loss=math.nan, pearson_r_held_out=math.nan, pearson_r_all=0.9, n_fit_cells=10,
+                       n_held_out_cells=0, converged=True, message="", transition_steps={},
+                       flags=["beta at its bound 2"], undefined={"pearson_r_held_out": "no held-out cells"})
+    line = fit_line(result, {"fit_from": "interpolation_threshold", "n_cells": 10, "n_cells_total": 30})
+    assert line == ("normscale: fit alpha=0.700 beta=0.300 gamma=2 on 10 of 30 cells past the interpolation "
+                    "threshold; held-out Pearson r(w_M) undefined: no held-out cells; FLAGS: beta at its bound 2")
+    clean = replace(result, pearson_r_held_out=0.95, flags=[], undefined={})
+    assert fit_line(clean, {"fit_from": "all"}) == (
+        "normscale: fit alpha=0.700 beta=0.300 gamma=2; held-out Pearson r(w_M) 0.950")

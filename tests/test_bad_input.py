@@ -55,6 +55,8 @@ ROWS = {
                            "training_kwargs.max_grad_norm=0.0 must be > 0"),
     "zero max_steps": (PY + ["-m", "normscale.train", "training_kwargs.max_steps=0"], {}, None,
                        "training_kwargs.max_steps=0 must be >= 1"),
+    "bad fit_from": (PY + ["-m", "normscale.analysis", "fit_from=threshold"], {}, None,
+                     "fit_from='threshold' is not allowed; choose one of: all, interpolation_threshold"),
     "infinite prior exponent": (PY + ["-m", "normscale.train", "task_kwargs.prior_exponent=inf"], {}, None,
                                 "task_kwargs.prior_exponent=inf must be a finite number"),
     "trained experiment as preset": (PY + ["-m", "normscale.eval", "experiment=mine"], {}, trained_experiment,

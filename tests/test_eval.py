@@ -392,6 +392,16 @@ def test_analysis_leaves_out_checkpoints_evaluated_only_per_task(trained, tmp_pa
         sequences = summary["transition_sequences"]["observed"][run_name]
         assert sequences == (None if step is None else 16 * step)
     assert set(summary["transition_sequences"]["predicted"]) == {"2", "64"}
+    assert summary["fit"]["checkpoints"] == {"fit_from": "all", "n_cells": 10, "n_cells_total": 10}
+
+    result = cli("normscale.analysis", cache, "fit_from=interpolation_threshold")
+    fit = json.loads((experiment(cache) / "analysis" / "summary.json").read_text())["fit"]
+    (group, cutoff), = fit["checkpoints"]["cutoff_step"].items()
+    assert group.startswith("mlp_expansion_factor=4.0,num_dims=4,")
+    n_cells = fit["checkpoints"]["n_cells"]
+    assert n_cells == fit["n_fit_cells"] + fit["n_held_out_cells"] and fit["checkpoints"]["n_cells_total"] == 10
+    assert n_cells == sum(step >= cutoff for step in [0, 10, 33, 69, 120] for _ in (2, 64))
+    assert f"on {n_cells} of 10 cells past the interpolation threshold" in result.stdout
 
 
 def test_analysis_without_bayes_results_says_what_to_run(trained, tmp_path):

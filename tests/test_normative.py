@@ -8,11 +8,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from scipy.special import log_softmax, rel_entr
+from scipy.special import expit, log_softmax, logit, rel_entr
 
 from normscale import settings
-from normscale.analysis.normative import (Cell, _Objective, cell_loss, complexity_bits, fit, memorizing_weight, predict,
+from normscale.analysis.normative import (NUM_STARTS, Cell, _fit_flags, _Objective, cell_loss, complexity_bits, fit,
+                                          interpolation_cutoffs, interpolation_distance, memorizing_weight, predict,
                                           split_cells, transition_step)
+from normscale.config import checkpoint_schedule
 
 STEPS = np.unique(np.round(np.linspace(0, math.sqrt(1e5), 30) ** 2).astype(int))  # a sqrt-like grid, 0 .. 1e5
 DS = [2**k for k in range(2, 11)]  # 4 .. 1024
@@ -246,3 +248,152 @@ def test_fit_rejects_bad_cells():
         fit([replace(good[0], L_M=good[0].L_M + 1)] + good[1:], "balls_and_urns")
     with pytest.raises(ValueError, match="alpha"):
         fit(good, "balls_and_urns", init=(0.2, 1.5, 0.85))
+
+
+def with_logit_noise(cells: list[Cell], setting: str, truth: tuple[float, float, float], sd: float = 0.3,
+                     seed: int = 0) -> list[Cell]:
+    """Each cell's T the normative prediction at truth with N(0, sd^2) noise added to its log-odds z."""
+    rng = np.random.default_rng(seed)
+    output = settings.facts(setting).output
+    noisy = []
+    for c in cells:
+        w = float(expit(logit(memorizing_weight(c.step, c.K_M, c.K_G, c.L_M, c.L_G, *truth)) + sd * rng.normal()))
+        T = (np.logaddexp(np.log(w) + c.M, np.log1p(-w) + c.G) if output == "categorical"
+             else w * c.M + (1 - w) * c.G)
+        noisy.append(replace(c, T=T, observed_w_M=w))
+    return noisy
+
+
+def assert_recovered(result, truth):
+    alpha, beta, gamma = truth
+    assert abs(result.alpha - alpha) < 0.03 and abs(result.beta - beta) < 0.05, (result.alpha, result.beta)
+    assert abs(result.gamma / gamma - 1) < 0.25, result.gamma
+
+
+@pytest.mark.parametrize("setting, truth, num_dims, shape", [
+    ("balls_and_urns", (0.75, 0.35, 0.3), 8, (16, 32, 8)),
+    ("linear_regression", (0.5, 0.45, 0.05), 4, (16, 32)),
+])
+def test_fit_recovers_known_parameters_under_logit_noise(setting, truth, num_dims, shape):
+    cells = with_logit_noise(synthetic_cells(setting, *truth, num_dims, shape), setting, truth)
+    result = fit(cells, setting)
+    assert_recovered(result, truth)
+    assert result.flags == [] and result.undefined == {}
+    assert len(result.starts) == NUM_STARTS and result.fit_loss == min(s.fit_loss for s in result.starts)
+
+
+# L_M, L_G of normscale's classification Bayes predictors (num_dims 8, context_length 128, exemplar_noise 0.5;
+# median of 10 means over 4000 fresh ID sequences) for D = 2 .. 2^15: G reads the context, which holds the query's
+# exemplar, so beyond D ~ 1024 it beats M.
+CLASSIFICATION_LOSSES = {2: (0.078, 0.188), 4: (0.153, 0.272), 8: (0.116, 0.246), 16: (0.099, 0.23),
+                         32: (0.19, 0.347), 64: (0.284, 0.435), 128: (0.415, 0.529), 256: (0.44, 0.545),
+                         512: (0.526, 0.564), 1024: (0.567, 0.578), 2048: (0.602, 0.581), 4096: (0.641, 0.595),
+                         8192: (0.648, 0.59), 16384: (0.669, 0.586), 32768: (0.685, 0.583)}
+
+
+@pytest.fixture(scope="module")
+def classification_predictions() -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{D: (M, G)}: the Bayes predictors' (256, 2) log-probabilities on 256 ID sequences of D random tasks."""
+    torch = pytest.importorskip("torch")
+    from normscale.config import TaskConfig
+
+    out = {}
+    for D in CLASSIFICATION_LOSSES:
+        setting = settings.get("classification", TaskConfig(num_tasks=D, num_dims=8, context_length=128))
+        tasks = {k: torch.as_tensor(v) for k, v in setting.draw_tasks(D, np.random.default_rng(D)).items()}
+        generator = torch.Generator().manual_seed(D)
+        batch = setting.sample(tasks, torch.randint(0, D, (256,), generator=generator), generator,
+                               torch.full((D,), 1 / D, dtype=torch.float64))
+        log_prior = torch.full((D,), -math.log(D), dtype=torch.float64)
+        out[D] = tuple(setting.predictor(kind, tasks, log_prior)(batch).double().numpy()
+                       for kind in ("memorizing", "generalizing"))
+    return out
+
+
+def test_classification_fit_escapes_the_saturated_stall_of_the_spec_start(classification_predictions):
+    """Issue 14: from SPEC D's classification start (0.12, 0.8, 1.5) L-BFGS-B's first step takes beta to its bound,
+    where every predicted w_M is 0 and the gradient vanishes. Cells: the Bayes predictors' outputs, 100 sqrt-spaced
+    checkpoints to step 2000 (the demo's max_steps), D = 2 .. 2^15, T from truth with logit noise 0.3."""
+    truth = (0.7, 0.3, 2.0)
+    K_G = complexity_bits("classification", "generalizing", 1, 8)
+    cells = [Cell(D=D, step=step, T=M, M=M, G=G, K_M=complexity_bits("classification", "memorizing", D, 8), K_G=K_G,
+                  L_M=CLASSIFICATION_LOSSES[D][0], L_G=CLASSIFICATION_LOSSES[D][1])
+             for D, (M, G) in classification_predictions.items()
+             for step in checkpoint_schedule("sqrt_schedule", 2000, 100, 20)]
+    cells = with_logit_noise(cells, "classification", truth)
+
+    single = fit(cells, "classification", num_starts=1)
+    assert single.beta == pytest.approx(2.0) and single.fit_loss > 10 * fit(cells, "classification").fit_loss
+    assert single.flags[:2] == ["saturated: every fitted cell's predicted w_M < 0.01 (max 0)", "beta at its bound 2"]
+
+    result = fit(cells, "classification")
+    assert_recovered(result, truth)
+    assert result.flags == []
+    assert result.starts[0].start == pytest.approx({"alpha": 0.8, "beta": 0.12, "gamma": 1.5})
+    assert result.starts[0].flags == single.flags
+
+
+def test_fit_flags_a_point_that_is_not_a_minimum_and_states_why_a_statistic_is_undefined():
+    truth = (0.6, 0.3, 0.2)
+    cells = synthetic_cells("balls_and_urns", *truth, 4, (4, 6, 4))
+    fit_cells = split_cells(cells)[0]
+    objective = _Objective(fit_cells, "categorical")
+    u = np.array([logit(truth[0]), math.log(truth[1]), math.log(truth[2])])
+    assert _fit_flags(objective, fit_cells, u, *objective(u), True, "") == []
+    off = u + [0, 0, 0.6]  # gamma 1.8 times too large
+    flags = _fit_flags(objective, fit_cells, off, *objective(off), True, "")
+    assert len(flags) == 1 and flags[0].startswith("stalled: not a minimum") and "lowers the fit loss" in flags[0]
+
+    constant = [replace(c, observed_w_M=0.25) for c in cells]
+    result = fit(constant, "balls_and_urns", num_starts=1)
+    assert math.isnan(result.pearson_r_held_out) and math.isnan(result.pearson_r_all)
+    assert result.undefined == {"pearson_r_held_out": "the held-out cells' observed w_M are constant (0.25)",
+                                "pearson_r_all": "the cells' observed w_M are constant (0.25)"}
+    everything = fit(cells, "balls_and_urns", fraction=1.0, num_starts=1)
+    assert everything.undefined == {"held_out_loss": "no held-out cells", "pearson_r_held_out": "no held-out cells"}
+    assert json.loads(json.dumps(everything.to_json_dict()))["undefined"] == everything.undefined
+
+
+def test_interpolation_distance_is_zero_on_the_mixture_and_rises_off_it():
+    rng = np.random.default_rng(6)
+    M, G = rng.normal(size=(2, 5, 7))
+    regression = Cell(D=4, step=10, T=0.3 * M + 0.7 * G, M=M, G=G, K_M=2e3, K_G=1e3, L_M=0.1, L_G=0.2)
+    assert interpolation_distance(regression, "regression") == pytest.approx(0, abs=1e-12)  # w = 0.3 exactly
+    T = regression.T + 1.0
+
+    def mse(a, b):
+        return np.mean((a - b) ** 2)
+
+    w = (1 + np.clip((mse(T, G) - mse(T, M)) / mse(M, G), -1, 1)) / 2
+    expected = mse(T, w * M + (1 - w) * G)
+    assert interpolation_distance(replace(regression, T=T), "regression") == pytest.approx(expected, rel=1e-12)
+    assert 0.5 < expected <= 1.0  # at most the distance 1 to the mixture at w = 0.3
+    M, G = log_softmax(3 * rng.normal(size=(2, 5, 6, 4)), -1)
+    categorical = Cell(D=4, step=10, T=M, M=M, G=G, K_M=2e3, K_G=1e3, L_M=0.1, L_G=0.2)
+    assert interpolation_distance(categorical, "categorical") == pytest.approx(0, abs=1e-12)  # r clips to 1
+    assert interpolation_distance(replace(categorical, T=G), "categorical") == pytest.approx(0, abs=1e-12)
+    uniform = replace(categorical, T=np.full_like(M, -math.log(4)))
+
+    def sym_kl(a, b):  # RI's: (KL(b || a) + KL(a || b)) / 2, summed over classes, averaged over the rest
+        return (rel_entr(np.exp(a), np.exp(b)).sum(-1).mean() + rel_entr(np.exp(b), np.exp(a)).sum(-1).mean()) / 2
+
+    T = uniform.T
+    w = (1 + np.clip((sym_kl(T, G) - sym_kl(T, M)) / sym_kl(M, G), -1, 1)) / 2
+    expected = sym_kl(T, np.log(w * np.exp(M) + (1 - w) * np.exp(G)))
+    assert interpolation_distance(uniform, "categorical") == pytest.approx(expected, rel=1e-10) and expected > 0.01
+
+
+def test_interpolation_cutoffs_take_the_first_step_below_the_threshold_and_the_largest_over_D():
+    steps = [0, 10, 20, 30, 40, 50]
+    rows = [  # (group, D, distances over steps)
+        ("a", 4, [1.0, 0.5, 0.19, 0.1, 0.0, 0.05]),  # threshold 0 + 0.2 * 1 = 0.2: first below at step 20
+        ("a", 64, [2.0, 1.5, 1.0, 0.4, 0.3, 0.0]),  # threshold 0.4: 0.4 is not below it, 0.3 is: step 40
+        ("b", 4, [1.0, 0.9, 0.2, 0.0, 0.1, 0.1]),  # threshold 0.2, 0.2 not below: step 30
+        ("c", 4, [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]),  # flat: nothing below min + 0: inf
+    ]
+    groups, Ds, all_steps, distances = zip(*[(g, D, s, d) for g, D, ds in rows for s, d in zip(steps, ds)])
+    assert interpolation_cutoffs(groups, Ds, all_steps, distances, 0.2) == {"a": 40, "b": 30, "c": math.inf}
+    # checkpoints of two seeds pool, in step order whatever the input order
+    order = [5, 3, 1, 0, 2, 4]
+    assert interpolation_cutoffs(["a"] * 12, [4] * 12, [steps[i] for i in order] * 2,
+                                 [rows[0][2][i] for i in order] + [0.9] * 6, 0.2) == {"a": 20}

@@ -23,24 +23,39 @@ here (`complexity_bits`): a program cost K0 = PROGRAM_BITS = 1024 bits, the same
                 linear_regression sigma^2 and tau^2 (2); classification the exemplar noise w (1).
 So K_M grows linearly in D and K_G does not depend on D.
 
-Fitting (`fit`): alpha in (0, 1), beta > 0 and gamma > 0 are optimised as (logit alpha, log beta, log gamma) by
-scipy's L-BFGS-B with analytic gradients, within BOUNDS, from the setting's fit_start = (beta, alpha, gamma). The
-objective is the mean over (N, D) cells of the per-cell loss (`cell_loss`): for categorical outputs (T, M, G
-log-probabilities; balls_and_urns (n, C, V), classification (n, 2)) KL(T || h) over the last axis, averaged over
-the others; for regression (linear_regression (n, C) predictions) the mean squared error between T and h. Only the
-cells `split_cells` keeps are fitted (the first 80% of each D's checkpoints x the smallest 80% of the D values); the
-others are held out. Reported (`FitResult`): the fitted parameters, fit and held-out losses, the Pearson r between
-predicted and observed w_M on the held-out cells and on all cells, and N*(D) for every D.
+Fitting (`fit`): alpha in (0, 1), beta > 0 and gamma > 0 are optimised as u = (logit alpha, log beta, log gamma) by
+scipy's L-BFGS-B with analytic gradients, within BOUNDS. The objective is the mean over (N, D) cells of the per-cell
+loss (`cell_loss`): for categorical outputs (T, M, G log-probabilities; balls_and_urns (n, C, V), classification
+(n, 2)) KL(T || h) over the last axis, averaged over the others; for regression (linear_regression (n, C)
+predictions) the mean squared error between T and h. Only the cells `split_cells` keeps are fitted (the first 80% of
+each D's checkpoints x the smallest 80% of the D values); the others are held out.
+A single start can stall: from SPEC D's classification start the first L-BFGS-B step can take beta to its bound,
+where every predicted w_M is 0 and the gradient vanishes (tests/test_normative.py reproduces it with the Bayes
+predictors' outputs). So `fit` runs NUM_STARTS starts (`candidate_starts`): the setting's fit_start = (beta, alpha,
+gamma) and the best NUM_STARTS - 1 points, by the objective there, of START_GRID (alpha 0.3, 0.6, 0.9 x beta 0.1, 0.3,
+0.6 x gamma 0.03, 1, 30 times the start's); it keeps the lowest fit loss (ties: the setting's start). Each start's
+result is in FitResult.starts. `flags` say what makes the chosen solution doubtful (empty when clean): every fitted
+cell's predicted w_M below SATURATION (or above 1 - SATURATION); "stalled": a step of STALL_PROBE along an axis of u
+lowers the loss (not a minimum); a parameter at its bound; no convergence. Reported (`FitResult`): the fitted
+parameters, fit and held-out losses, the Pearson r between predicted and observed w_M on the held-out cells and on
+all cells, N*(D) for every D, and for each NaN among them the reason (`undefined`).
 
-Public API: PROGRAM_BITS, BOUNDS, complexity_bits, memorizing_weight, transition_step, Cell,
-predict, cell_loss, split_cells, fit, FitResult. All arithmetic is float64 whatever the inputs' dtype.
+The paper's checkpoint filter (`interpolation_distance`, `interpolation_cutoffs`; `fit_from=interpolation_threshold`
+in normscale.analysis.report): RI fits only the checkpoints past an approximate interpolation threshold. A cell's
+interpolation distance is d(T, w M + (1 - w) G) with SPEC C's distance d and w = (1 + r) / 2 from T, M, G themselves;
+per (group, D) the threshold is min + p (max - min) over its checkpoints (p = INTERPOLATION_FRACTION: 0.1 regression,
+0.2 categorical), the first step below it its cut-off (inf if none), and a group's cut-off the largest over its D.
+
+Public API: PROGRAM_BITS, BOUNDS, NUM_STARTS, START_GRID, complexity_bits, memorizing_weight, transition_step, Cell,
+predict, cell_loss, split_cells, candidate_starts, fit, FitResult, FitStart, interpolation_distance,
+interpolation_cutoffs. All arithmetic is float64 whatever the inputs' dtype.
 """
 from __future__ import annotations
 
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -55,6 +70,12 @@ FLOAT_BITS = 32.0  # one stored float32 number
 STRATEGIES = ("memorizing", "generalizing")
 OUTPUTS = ("categorical", "regression")
 BOUNDS = {"alpha": (1e-4, 1 - 1e-4), "beta": (1e-4, 2.0), "gamma": (1e-12, 1e12)}
+NUM_STARTS = 5  # L-BFGS-B runs per fit: the setting's fit_start and the best 4 of START_GRID
+START_GRID = {"alpha": (0.3, 0.6, 0.9), "beta": (0.1, 0.3, 0.6), "gamma_factor": (0.03, 1.0, 30.0)}
+INTERPOLATION_FRACTION = {"categorical": 0.2, "regression": 0.1}  # RI's threshold_percentile (0.1 for regression)
+SATURATION = 0.01  # a predicted w_M below it, or above 1 - it, is saturated
+BLOCK_ELEMENTS = 2**20  # the objective's categorical arrays are processed in blocks of at most this many numbers
+STALL_PROBE = 0.5  # step along each axis of (logit alpha, log beta, log gamma) that tests a solution for a minimum
 
 
 def _check_output(output: str) -> None:
@@ -205,7 +226,7 @@ class _Objective:
     precomputed and flattened, log h = G + log q where q = (1 - w) + w e (1 - w and w each from a sigmoid, so
     neither is lost when the other saturates); hence loss = c - p.log(q) / P and dloss/dz = -w (1 - w)
     p.((e - 1) / q) / P, with c = p.(T - G) / P and P the number of positions. This keeps two float64 arrays the
-    size of T per cell. Regression: loss = a - 2 w b + w^2 c, with a, b, c the means of (T - G)^2,
+    size of T per cell, stacked in blocks of cells. Regression: loss = a - 2 w b + w^2 c, with a, b, c the means of (T - G)^2,
     (T - G)(M - G) and (M - G)^2, and no arrays kept."""
 
     def __init__(self, cells: Sequence[Cell], output: str):
@@ -214,21 +235,36 @@ class _Objective:
         self.log_N = np.log(np.where(self.N > 0, self.N, 1.0))  # N^(1-alpha) ln N -> 0 at N = 0
         self.K_M, self.K_G = (np.array([getattr(c, k) for c in cells], np.float64) for k in ("K_M", "K_G"))
         self.dL = np.array([c.L_G - c.L_M for c in cells], np.float64)
-        self.p, self.e, self.c, self.P, self.abc = [], [], [], [], []
+        self.abc = []
+        self.blocks = []  # categorical: (cell indices, p, e, c, P) for runs of cells of one shape, stacked
         for cell in cells:
             T, M, G = (np.asarray(a, np.float64).ravel() for a in (cell.T, cell.M, cell.G))
             if output == "categorical":
                 if np.max(np.abs(M - G)) > 700:
                     raise ValueError(f"cell D={cell.D} step={cell.step}: |M - G| exceeds 700 nats, so exp(M - G) "
                                      f"over- or underflows; clip the log-probabilities, e.g. np.maximum(x, -600)")
-                p, P = np.exp(T), T.size / np.shape(cell.T)[-1]
-                self.p.append(p)
-                self.e.append(np.exp(M - G))
-                self.c.append(p @ (T - G) / P)
-                self.P.append(P)
+                self.abc.append((np.exp(T), np.exp(M - G), T - G, T.size / np.shape(cell.T)[-1]))
             else:
                 TG, MG = T - G, M - G
                 self.abc.append((TG @ TG / T.size, TG @ MG / T.size, MG @ MG / T.size))
+        if output == "categorical":
+            self._stack_blocks()
+
+    def _stack_blocks(self) -> None:
+        """Stack consecutive cells of one size into blocks of at most BLOCK_ELEMENTS (one numpy operation per block
+        instead of per cell; the stacks replace the per-cell arrays, so memory stays two arrays the size of T)."""
+        per_cell, self.abc = self.abc, []
+        start = 0
+        while start < len(per_cell):
+            size = per_cell[start][0].size
+            stop = start + 1
+            while (stop < len(per_cell) and per_cell[stop][0].size == size
+                   and (stop - start + 1) * size <= BLOCK_ELEMENTS):
+                stop += 1
+            p, e, TG, P = (np.stack(a) for a in zip(*per_cell[start:stop]))
+            self.blocks.append((slice(start, stop), p, e, np.einsum("ij,ij->i", p, TG) / P, P))
+            per_cell[start:stop] = [None] * (stop - start)
+            start = stop
 
     def cell_losses(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each cell's loss and its derivative in z."""
@@ -237,10 +273,10 @@ class _Objective:
             a, b, c = np.array(self.abc, np.float64).reshape(-1, 3).T
             return a - 2 * w * b + w**2 * c, 2 * (w * c - b) * w * w1
         losses, slopes = np.empty_like(z), np.empty_like(z)
-        for i, (p, e, c, P) in enumerate(zip(self.p, self.e, self.c, self.P)):
-            q = w1[i] + w[i] * e
-            losses[i] = c - p @ np.log(q) / P
-            slopes[i] = -w[i] * w1[i] * (p @ ((e - 1) / q)) / P
+        for cells, p, e, c, P in self.blocks:
+            q = w1[cells, None] + w[cells, None] * e
+            losses[cells] = c - np.einsum("ij,ij->i", p, np.log(q)) / P
+            slopes[cells] = -w[cells] * w1[cells] * np.einsum("ij,ij->i", p, (e - 1) / q) / P
         return losses, slopes
 
     def __call__(self, u: np.ndarray) -> tuple[float, np.ndarray]:
@@ -255,9 +291,24 @@ class _Objective:
 
 
 @dataclass
+class FitStart:
+    """One L-BFGS-B run of a fit: where it started and where it ended."""
+    start: dict[str, float]  # {"alpha", "beta", "gamma"}
+    alpha: float
+    beta: float
+    gamma: float
+    fit_loss: float
+    converged: bool
+    message: str
+    flags: list[str]  # `_fit_flags` of this run's solution
+
+
+@dataclass
 class FitResult:
-    """A fit of (alpha, beta, gamma) to one setting's cells; NaN where a quantity is undefined (no held-out cells,
-    fewer than two observed w_M, no transition)."""
+    """A fit of (alpha, beta, gamma) to one setting's cells: the best of `starts` by fit loss. NaN where a quantity
+    is undefined (no held-out cells, fewer than two observed w_M, no transition), with the reason in `undefined`
+    ({field: reason}). `flags` name what makes the chosen solution doubtful (empty when clean): saturated predictions,
+    a stalled optimiser, a parameter at its bound, no convergence."""
     setting: str
     alpha: float
     beta: float
@@ -271,6 +322,9 @@ class FitResult:
     converged: bool
     message: str
     transition_steps: dict[int, float]  # D -> N*(D)
+    flags: list[str] = field(default_factory=list)
+    undefined: dict[str, str] = field(default_factory=dict)
+    starts: list[FitStart] = field(default_factory=list)
 
     def to_json_dict(self) -> dict:
         """A strictly JSON-serialisable dict: NaN -> None, D keys as strings."""
@@ -281,12 +335,19 @@ class FitResult:
         return d
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+def _pearson(x: np.ndarray, y: np.ndarray, cells: str) -> tuple[float, str | None]:
+    """Pearson r of predicted x against observed y, or NaN and the reason it is undefined (`cells` names them)."""
+    if x.size == 0:
+        return math.nan, f"no {cells}"
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan
-    return float(np.corrcoef(x, y)[0, 1])
+    if x.size < 2:
+        return math.nan, f"fewer than two {cells} with an observed w_M"
+    if np.ptp(y) == 0:
+        return math.nan, f"the {cells}' observed w_M are constant ({y[0]:.3g})"
+    if np.ptp(x) == 0:
+        return math.nan, f"the {cells}' predicted w_M are constant ({x[0]:.3g})"
+    return float(np.corrcoef(x, y)[0, 1]), None
 
 
 def _per_D_constants(cells: Sequence[Cell]) -> dict[int, tuple[float, float, float, float]]:
@@ -301,39 +362,155 @@ def _per_D_constants(cells: Sequence[Cell]) -> dict[int, tuple[float, float, flo
     return out
 
 
+_U_BOUNDS = np.array([logit(BOUNDS["alpha"]), np.log(BOUNDS["beta"]), np.log(BOUNDS["gamma"])])  # (3, 2): low, high
+_U_NAMES = ("logit alpha", "log beta", "log gamma")
+
+
+def _to_u(alpha: float, beta: float, gamma: float) -> np.ndarray:
+    return np.clip([logit(alpha), math.log(beta), math.log(gamma)], *_U_BOUNDS.T)
+
+
+def _from_u(u: np.ndarray) -> tuple[float, float, float]:
+    return float(expit(u[0])), math.exp(u[1]), math.exp(u[2])
+
+
+def candidate_starts(objective: _Objective, init: tuple[float, float, float], num_starts: int) -> list[np.ndarray]:
+    """The fit's starts in u = (logit alpha, log beta, log gamma): init = (beta, alpha, gamma) first, then the
+    num_starts - 1 points of the START_GRID (gamma relative to init's) with the lowest objective there."""
+    beta0, alpha0, gamma0 = init
+    grid = [_to_u(a, b, gamma0 * f) for a in START_GRID["alpha"] for b in START_GRID["beta"]
+            for f in START_GRID["gamma_factor"]]
+    ranked = sorted(grid, key=lambda u: objective(u)[0])  # stable: ties keep the grid's order
+    return [_to_u(alpha0, beta0, gamma0)] + ranked[:num_starts - 1]
+
+
+def _fit_flags(objective: _Objective, fit_cells: Sequence[Cell], u: np.ndarray, loss: float, grad: np.ndarray,
+               converged: bool, message: str) -> list[str]:
+    """What makes a solution doubtful: all fitted cells' predicted w_M saturated (< SATURATION or > 1 - SATURATION),
+    a lower loss one STALL_PROBE away along an axis of u (the optimiser stopped where the gradient vanished, not at a
+    minimum: typically a flat objective where w_M saturates), a parameter at its bound, no convergence."""
+    flags = []
+    alpha, beta, gamma = _from_u(u)
+    w = np.array([expit(_cell_log_odds(c, alpha, beta, gamma)) for c in fit_cells])
+    if np.all(w < SATURATION):
+        flags.append(f"saturated: every fitted cell's predicted w_M < {SATURATION:g} (max {w.max():.2g})")
+    elif np.all(w > 1 - SATURATION):
+        flags.append(f"saturated: every fitted cell's predicted w_M > {1 - SATURATION:g} (min {w.min():.2g})")
+    for axis, sign in [(axis, sign) for axis in range(3) for sign in (-1, 1)]:
+        probe = np.clip(u + sign * STALL_PROBE * np.eye(3)[axis], *_U_BOUNDS.T)
+        probe_loss = objective(probe)[0]
+        if probe_loss < loss - 1e-6 * abs(loss):
+            flags.append(f"stalled: not a minimum (gradient norm {np.linalg.norm(grad):.1e}): {_U_NAMES[axis]} "
+                         f"{sign * STALL_PROBE:+g} lowers the fit loss from {loss:.4g} to {probe_loss:.4g}")
+            break
+    for name, value, (low, high) in zip(("alpha", "beta", "gamma"), (alpha, beta, gamma), BOUNDS.values()):
+        if math.isclose(value, low, rel_tol=1e-6) or math.isclose(value, high, rel_tol=1e-6):
+            flags.append(f"{name} at its bound {value:.4g}")
+    if not converged:
+        flags.append(f"not converged: {message}")
+    return flags
+
+
 def fit(cells: Sequence[Cell], setting: str, init: tuple[float, float, float] | None = None,
-        fraction: float = 0.8) -> FitResult:
-    """Fit (alpha, beta, gamma) to the cells `split_cells(cells, fraction)` keeps, from init = (beta, alpha, gamma)
-    (default: the setting's fit_start); evaluate on the held-out cells and on all cells. Categorical fits hold two float64
-    arrays the size of T per fit cell (about 4 MB for (256, 128, 8))."""
+        fraction: float = 0.8, num_starts: int = NUM_STARTS) -> FitResult:
+    """Fit (alpha, beta, gamma) to the cells `split_cells(cells, fraction)` keeps by L-BFGS-B from each of
+    `candidate_starts` (init = (beta, alpha, gamma), default the setting's fit_start, and num_starts - 1 grid
+    points; num_starts=1: init alone); keep the run with the lowest fit loss, flag it (`_fit_flags`) and evaluate it
+    on the held-out cells and on all cells. Categorical fits hold two float64 arrays the size of T per fit cell
+    (about 4 MB for (256, 128, 8))."""
     known = settings.facts(setting)
     output = known.output
     cells = list(cells)
     for c in cells:
         _check_cell(c, output)
     per_D = _per_D_constants(cells)
-    beta0, alpha0, gamma0 = known.fit_start if init is None else init
+    init = known.fit_start if init is None else init
+    beta0, alpha0, gamma0 = init
     _check_params(alpha0, beta0, gamma0)
+    if num_starts < 1:
+        raise ValueError(f"num_starts must be >= 1; got {num_starts}")
     is_fit = _fit_mask(cells, fraction)
     fit_cells = [c for c, f in zip(cells, is_fit) if f]
     held_out = [c for c, f in zip(cells, is_fit) if not f]
     if not fit_cells:
         raise ValueError("no cells to fit: pass at least one cell")
 
-    bounds = [tuple(logit(BOUNDS["alpha"])), tuple(np.log(BOUNDS["beta"])), tuple(np.log(BOUNDS["gamma"]))]
-    u0 = np.clip([logit(alpha0), math.log(beta0), math.log(gamma0)], *np.array(bounds).T)
-    res = minimize(_Objective(fit_cells, output), u0, jac=True, method="L-BFGS-B", bounds=bounds,
-                   options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
-    alpha, beta, gamma = float(expit(res.x[0])), math.exp(res.x[1]), math.exp(res.x[2])
+    objective = _Objective(fit_cells, output)
+    starts = []
+    for u0 in candidate_starts(objective, init, num_starts):
+        res = minimize(objective, u0, jac=True, method="L-BFGS-B", bounds=_U_BOUNDS,
+                       options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
+        start = dict(zip(("alpha", "beta", "gamma"), _from_u(u0)))
+        flags = _fit_flags(objective, fit_cells, res.x, float(res.fun), res.jac, bool(res.success), str(res.message))
+        starts.append(FitStart(start, *_from_u(res.x), float(res.fun), bool(res.success), str(res.message), flags))
+    best = min(starts, key=lambda s: s.fit_loss)  # the first of equals: the setting's start wins ties
+    alpha, beta, gamma = best.alpha, best.beta, best.gamma
 
-    held_out_loss = (float(np.mean([cell_loss(c, predict(c, alpha, beta, gamma, output), output) for c in held_out]))
-                     if held_out else math.nan)
+    undefined = {}
+    if held_out:
+        held_out_loss = float(np.mean([cell_loss(c, predict(c, alpha, beta, gamma, output), output)
+                                       for c in held_out]))
+    else:
+        held_out_loss, undefined["held_out_loss"] = math.nan, "no held-out cells"
     w_pred = memorizing_weight([c.step for c in cells], [c.K_M for c in cells], [c.K_G for c in cells],
                                [c.L_M for c in cells], [c.L_G for c in cells], alpha, beta, gamma)
     w_obs = np.array([c.observed_w_M for c in cells], np.float64)
+    r_held_out, why = _pearson(w_pred[~is_fit], w_obs[~is_fit], "held-out cells")
+    if why:
+        undefined["pearson_r_held_out"] = why
+    r_all, why = _pearson(w_pred, w_obs, "cells")
+    if why:
+        undefined["pearson_r_all"] = why
+    transition_steps = {D: transition_step(*per_D[D], alpha, beta, gamma) for D in sorted(per_D)}
+    no_crossing = [D for D, n in transition_steps.items() if math.isnan(n)]
+    if no_crossing:
+        undefined["transition_steps"] = (f"no crossing (needs K_M > K_G and L_G > L_M) at D = "
+                                         f"{', '.join(map(str, no_crossing))}")
     return FitResult(
-        setting=setting, alpha=alpha, beta=beta, gamma=gamma, fit_loss=float(res.fun), held_out_loss=held_out_loss,
-        pearson_r_held_out=_pearson(w_pred[~is_fit], w_obs[~is_fit]), pearson_r_all=_pearson(w_pred, w_obs),
-        n_fit_cells=len(fit_cells), n_held_out_cells=len(held_out), converged=bool(res.success),
-        message=str(res.message),
-        transition_steps={D: transition_step(*per_D[D], alpha, beta, gamma) for D in sorted(per_D)})
+        setting=setting, alpha=alpha, beta=beta, gamma=gamma, fit_loss=best.fit_loss, held_out_loss=held_out_loss,
+        pearson_r_held_out=r_held_out, pearson_r_all=r_all, n_fit_cells=len(fit_cells), n_held_out_cells=len(held_out),
+        converged=best.converged, message=best.message, transition_steps=transition_steps, flags=best.flags,
+        undefined=undefined, starts=starts)
+
+
+def _distance(a: np.ndarray, b: np.ndarray, output: str) -> float:
+    """SPEC C's distance: the symmetrised KL over the last axis averaged over the others (categorical
+    log-probabilities), or the mean squared difference (regression)."""
+    if output == "categorical":
+        return float(np.mean(np.sum((np.exp(a) - np.exp(b)) * (a - b), axis=-1)) / 2)
+    return float(np.mean((a - b) ** 2))
+
+
+def interpolation_distance(cell: Cell, output: str) -> float:
+    """d(T, w M + (1 - w) G) on the cell's own outputs (SPEC C; RI's compute_barycentric_weights for two
+    predictors): w = (1 + r) / 2 with r = (d(T, G) - d(T, M)) / d(M, G) clipped to [-1, 1]; the mixture is of
+    probabilities for categorical outputs, of predictions for regression."""
+    _check_output(output)
+    T, M, G = (np.asarray(a, np.float64) for a in (cell.T, cell.M, cell.G))
+    r = np.clip((_distance(T, G, output) - _distance(T, M, output)) / _distance(M, G, output), -1, 1)
+    w = (1 + r) / 2
+    if output == "categorical":
+        with np.errstate(divide="ignore"):  # w = 0 or 1: log 0 = -inf leaves the other predictor alone
+            mixture = np.logaddexp(np.log(w) + M, np.log1p(-w) + G)
+    else:
+        mixture = w * M + (1 - w) * G
+    return _distance(T, mixture, output)
+
+
+def interpolation_cutoffs(groups: Sequence, Ds: Sequence[int], steps: Sequence[int], distances: Sequence[float],
+                          fraction: float) -> dict:
+    """RI's find_approximate_interpolation_threshold (rational-icl src/code/analysis_utils.py): for each (group, D),
+    over its checkpoints (all runs pooled), the threshold min + fraction (max - min) of the interpolation distances
+    and the first step (ascending) whose distance is below it (inf if none); a group's cut-off is the largest over
+    its D values. Checkpoints at or after their group's cut-off are the ones RI fits. Returns {group: cut-off step}."""
+    by_group_D: dict[tuple, list[tuple[int, float]]] = {}
+    for group, D, step, distance in zip(groups, Ds, steps, distances, strict=True):
+        by_group_D.setdefault((group, D), []).append((step, distance))
+    cutoffs: dict = {}
+    for (group, _), points in by_group_D.items():
+        points.sort(key=lambda point: point[0])
+        values = [d for _, d in points]
+        threshold = min(values) + (max(values) - min(values)) * fraction
+        first_below = next((step for step, d in points if d < threshold), math.inf)
+        cutoffs[group] = max(cutoffs.get(group, -math.inf), first_below)
+    return cutoffs

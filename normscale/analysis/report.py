@@ -12,7 +12,9 @@ steps, D*, final w_M per D) and the figures as PNG:
 Cells of the fit are (run, checkpoint) pairs of the trained models, on the ID split's fit subset, with M's and G's
 predictions on the same sequences from the Bayes rows of the run's dataset (`python -m normscale.eval
 model=bayes model_kwargs.kind=memorizing,generalizing -m`). L_s(D) is the median-of-means strategy loss of the
-Bayes rows, averaged over the datasets (seeds) with that D; K_s(D) is normative.complexity_bits.
+Bayes rows, averaged over the datasets (seeds) with that D; K_s(D) is normative.complexity_bits. fit_from=all (the
+default) fits every cell; fit_from=interpolation_threshold only those past RI's interpolation threshold
+(`checkpoints_to_fit`), recorded in summary.json's fit.checkpoints.
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def analyze(config: Config) -> Path:
             strategy_losses[D][kind].append(row["metrics"]["strategy_loss"]["median_of_means"])
     L = {D: {kind: float(np.mean(v)) for kind, v in kinds.items()} for D, kinds in strategy_losses.items()}
 
-    cells = []
+    cells, groups = [], []  # groups: RI's interpolation-threshold group of each cell's run
     with h5py.File(path, "r") as f:
         reference = {key: f[row["h5_group"]]["standard/id/fit_predictions"][()] for key, row in bayes.items()}
         for _, row in trained.iterrows():
@@ -111,15 +113,18 @@ def analyze(config: Config) -> Path:
                 M=reference[(row["data_dir"], "memorizing")], G=reference[(row["data_dir"], "generalizing")],
                 K_M=K["memorizing"], K_G=K["generalizing"], L_M=L[D]["memorizing"], L_G=L[D]["generalizing"],
                 observed_w_M=row["metrics"]["id"]["w_M"]))
+            groups.append((row["config"].model_kwargs.mlp_expansion_factor, task.num_dims, task.context_length))
     shapes = {c.T.shape for c in cells} | {c.M.shape for c in cells}
     if len(shapes) > 1:
         raise NormscaleError(f"the fit subsets in {path} differ in shape ({sorted(shapes)}): the checkpoints and the "
                              "Bayes predictors were evaluated with different eval_kwargs.fit_size; evaluate them again "
                              "with one value (overwrite=true), then collate")
-    result = normative.fit(cells, setting)
-    fitted = {id(c) for c in normative.split_cells(cells)[0]}
+    used, checkpoints = checkpoints_to_fit(config.fit_from, cells, groups, settings.facts(setting).output)
+    result = normative.fit(used, setting)
+    fitted = {id(c) for c in normative.split_cells(used)[0]}
     predicted = [float(normative.memorizing_weight(c.step, c.K_M, c.K_G, c.L_M, c.L_G, result.alpha, result.beta,
                                                    result.gamma)) for c in cells]
+    is_used = {id(c) for c in used}
 
     runs = []
     for run, group in trained.groupby("run", sort=True):
@@ -147,7 +152,8 @@ def analyze(config: Config) -> Path:
         "w_M_curves.png": figures.w_m_curves(by_D),
         "transience.png": figures.transience(by_D, references, metric),
         "final_loss_vs_D.png": figures.final_loss_vs_d(by_D, references, metric),
-        "predicted_vs_observed.png": figures.predicted_vs_observed(cells, predicted, fitted, result),
+        "predicted_vs_observed.png": figures.predicted_vs_observed(
+            used, [w for c, w in zip(cells, predicted) if id(c) in is_used], fitted, result),
     }
     widths = sorted({r["hidden_size"] for r in runs})
     if len(widths) > 1:
@@ -157,7 +163,7 @@ def analyze(config: Config) -> Path:
 
     summary = {
         "experiment": config.name, "setting": setting, "metrics_file": str(path),
-        "fit": result.to_json_dict(),
+        "fit": result.to_json_dict() | {"checkpoints": checkpoints},
         "complexity_bits": {str(c.D): {"memorizing": c.K_M, "generalizing": c.K_G} for c in cells},
         "strategy_loss": {str(D): L[D] for D in Ds},
         "final_w_M": {"id": {str(D): nan_to_none(final_w_m[D]) for D in Ds},
@@ -174,11 +180,43 @@ def analyze(config: Config) -> Path:
         "widths": widths if len(widths) > 1 else f"not plotted: one hidden size ({widths[0]}) in this experiment",
     }
     write_json(out / "summary.json", summary)
-    print(f"normscale: fit alpha={result.alpha:.3f} beta={result.beta:.3f} gamma={result.gamma:.3g}; held-out "
-          f"Pearson r(w_M) {result.pearson_r_held_out:.3f}; final w_M (ID) by D: "
-          + ", ".join(f"D={D} {final_w_m[D]:.2f}" for D in Ds))
+    print(fit_line(result, checkpoints) + "; final w_M (ID) by D: " + ", ".join(f"D={D} {final_w_m[D]:.2f}" for D in Ds))
     print(f"normscale: figures and summary.json in {out}")
     return out
+
+
+def checkpoints_to_fit(fit_from: str, cells: list, groups: list[tuple], output: str) -> tuple[list, dict]:
+    """The cells the fit uses and summary.json's record of them. fit_from=all: every cell. interpolation_threshold:
+    RI's filter (normative.interpolation_cutoffs) with groups (mlp_expansion_factor, num_dims, context_length), the
+    interpolation distance of each cell's ID fit subset and RI's fraction (0.1 regression, 0.2 categorical)."""
+    if fit_from == "all":
+        return cells, {"fit_from": "all", "n_cells": len(cells), "n_cells_total": len(cells)}
+    fraction = normative.INTERPOLATION_FRACTION[output]
+    distances = [normative.interpolation_distance(c, output) for c in cells]
+    cutoffs = normative.interpolation_cutoffs(groups, [c.D for c in cells], [c.step for c in cells], distances,
+                                              fraction)
+    used = [c for c, group in zip(cells, groups) if c.step >= cutoffs[group]]
+    names = ("mlp_expansion_factor", "num_dims", "context_length")
+    cutoff_steps = {",".join(f"{n}={v}" for n, v in zip(names, group)): None if math.isinf(step) else int(step)
+                    for group, step in cutoffs.items()}
+    if not used:
+        raise NormscaleError(f"fit_from=interpolation_threshold leaves no checkpoint to fit: no run's interpolation "
+                             f"distance falls below its threshold (cut-off steps {cutoff_steps}); use fit_from=all")
+    return used, {"fit_from": fit_from, "threshold_fraction": fraction, "cutoff_step": cutoff_steps,
+                  "n_cells": len(used), "n_cells_total": len(cells)}
+
+
+def fit_line(result: normative.FitResult, checkpoints: dict) -> str:
+    """The printed summary of a fit: parameters, held-out Pearson r (or why it is undefined), flags."""
+    if math.isnan(result.pearson_r_held_out):
+        r = f"held-out Pearson r(w_M) undefined: {result.undefined['pearson_r_held_out']}"
+    else:
+        r = f"held-out Pearson r(w_M) {result.pearson_r_held_out:.3f}"
+    used = "" if checkpoints["fit_from"] == "all" else (
+        f" on {checkpoints['n_cells']} of {checkpoints['n_cells_total']} cells past the interpolation threshold")
+    flags = f"; FLAGS: {'; '.join(result.flags)}" if result.flags else ""
+    return (f"normscale: fit alpha={result.alpha:.3f} beta={result.beta:.3f} gamma={result.gamma:.3g}{used}; {r}"
+            f"{flags}")
 
 
 def sequences(steps: float, batch_sizes: set[int]) -> float | None | dict[str, float | None]:
