@@ -57,6 +57,8 @@ ROWS = {
                        "training_kwargs.max_steps=0 must be >= 1"),
     "infinite prior exponent": (PY + ["-m", "normscale.train", "task_kwargs.prior_exponent=inf"], {}, None,
                                 "task_kwargs.prior_exponent=inf must be a finite number"),
+    "no eval batches": (PY + ["-m", "normscale.eval", "eval_kwargs.num_eval_batches=0"], {}, None,
+                        "eval_kwargs.num_eval_batches=0 must be >= 1"),
     "trained experiment as preset": (PY + ["-m", "normscale.eval", "experiment=mine"], {}, trained_experiment,
                                      "is a trained experiment: select it with name=mine"),
     "read-only CACHE_DIR": (PY + ["-m", "normscale.train", "experiment=demo"], {}, read_only_mount,
