@@ -46,7 +46,8 @@ def test_an_existing_experiment_is_evaluated_beyond_its_saved_eval_set(tmp_path)
 
     cli("normscale.train", cache, *TRAIN, *BEYOND)
     cli("normscale.eval", cache, *TRAIN, *BEYOND)
-    cli("normscale.eval", cache, *BEYOND, "model=bayes", "model_kwargs.kind=generalizing", "eval_kwargs.return_all=true")
+    cli("normscale.eval", cache, *BEYOND, "model=bayes", "model_kwargs.kind=generalizing",
+        "eval_kwargs.return_all=true")
 
     assert [d.name for d in data.iterdir()] == [dataset.name]  # the same key: no second dataset
     assert all((dataset / name).read_bytes() == content for name, content in before.items() if name != "manifest.json")
@@ -78,18 +79,14 @@ def test_an_existing_experiment_is_evaluated_beyond_its_saved_eval_set(tmp_path)
         assert torch.equal(bayes["predictions"][split][:SAVED], within.predict(predictor, split)[0])
 
 
-def blocks_of(directory, num_sequences):
-    return {s: {n: a.copy() for n, a in arrays.items()} for s, arrays in load_eval_splits(directory, num_sequences).items()}
-
-
 @pytest.mark.parametrize("setting", ["balls_and_urns", "classification"])
 def test_a_set_of_k_blocks_is_a_prefix_of_k_plus_1_in_either_order(tmp_path, setting):
     size = 16  # data_kwargs.eval_size: one block
     configs = [small_config(tmp_path / c, setting, f"data_kwargs.eval_size={size}", "data_kwargs.source=generate")
                for c in ("a", "b")]
     a, b = (prepare_data(c, train_shards=False).plan.directory for c in configs)
-    small_then_large = [blocks_of(a, n) for n in (2 * size, size + 1, 3 * size)]
-    large_then_small = [blocks_of(b, n) for n in (3 * size, size + 1, 2 * size)][::-1]
+    small_then_large = [load_eval_splits(a, n) for n in (2 * size, size + 1, 3 * size)]
+    large_then_small = [load_eval_splits(b, n) for n in (3 * size, size + 1, 2 * size)][::-1]
     for (x, y) in zip(small_then_large, large_then_small, strict=True):
         assert all(content_hash(x[s]) == content_hash(y[s]) for s in x)
     two, odd, three = small_then_large
@@ -103,7 +100,7 @@ def test_a_set_of_k_blocks_is_a_prefix_of_k_plus_1_in_either_order(tmp_path, set
                                                           "tasks.h5"]
     for name in files[0]:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert all(content_hash(blocks_of(a, None)[s]) == content_hash({n: v[:size] for n, v in three[s].items()})
+    assert all(content_hash(load_eval_splits(a)[s]) == content_hash({n: v[:size] for n, v in three[s].items()})
                for s in three)  # block 0 alone is what load_eval_splits(directory) gives
 
 

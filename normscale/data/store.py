@@ -210,7 +210,8 @@ def _new_manifest(plan: DataPlan) -> dict:
             "files": {}}
 
 
-_FILE_NAMES = r"tasks\.h5|eval\.h5|eval/block-\d{5}\.h5|single_task-[1-9]\d*\.h5|train/shard-\d{5}\.h5"  # a dataset's
+# what a dataset holds
+_FILE_NAMES = r"tasks\.h5|eval\.h5|eval/block-\d{5}\.h5|single_task-[1-9]\d*\.h5|train/shard-\d{5}\.h5"
 
 
 def _dataset_files(directory: Path) -> list[str]:
@@ -549,15 +550,21 @@ def eval_block_names(block_size: int, num_sequences: int | None) -> list[str]:
     return [eval_block_name(b) for b in range(1 if num_sequences is None else max(1, -(-num_sequences // block_size)))]
 
 
+def _missing_eval_blocks(manifest: dict, num_sequences: int) -> list[str]:
+    names = eval_block_names(manifest["spec"]["eval_size"], num_sequences)[1:]
+    return [n for n in names if n not in manifest["files"]]
+
+
 def extend_eval_set(directory: Path, num_sequences: int) -> list[str]:
     """Save the eval blocks after block 0 that the first `num_sequences` sequences of each split need and that are
-    not saved yet, under the dataset's lock (one process generates, the others wait and reuse them); return the
-    names of the blocks this call wrote."""
+    not saved yet, under the dataset's lock (one process generates, the others wait and reuse them; none is taken
+    when nothing is missing); return the names of the blocks this call wrote."""
     directory = Path(directory)
+    if not _missing_eval_blocks(_require_manifest(directory), num_sequences):
+        return []
     with file_lock(directory / ".lock"):
         manifest = _require_manifest(directory)
-        names = eval_block_names(manifest["spec"]["eval_size"], num_sequences)[1:]
-        missing = [n for n in names if n not in manifest["files"]]
+        missing = _missing_eval_blocks(manifest, num_sequences)
         _generate(directory, manifest["spec"], missing, manifest)
     return missing
 
@@ -567,11 +574,10 @@ def load_eval_splits(directory: Path, num_sequences: int | None = None) -> dict[
     arrays in their stored dtypes, from the eval blocks, each verified against its manifest sha256 and content
     hashes. Blocks after block 0 that are not saved yet are generated and saved first (extend_eval_set)."""
     directory = Path(directory)
+    if num_sequences is not None:
+        extend_eval_set(directory, num_sequences)
     manifest = _require_manifest(directory)
     names = eval_block_names(manifest["spec"]["eval_size"], num_sequences)
-    if any(n not in manifest["files"] for n in names[1:]):
-        extend_eval_set(directory, num_sequences)
-        manifest = _require_manifest(directory)
     blocks = [_read_eval_block(directory, manifest, name) for name in names]
     return {split: {n: np.concatenate([block[split][n] for block in blocks])[:num_sequences] for n in arrays}
             for split, arrays in blocks[0].items()}
