@@ -116,7 +116,7 @@ class TaskConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "shards"  # shards: pre-batched HDF5; generate: on-device counter-based batches
-    eval_size: int = 2048  # sequences per eval split
+    eval_size: int = 2048  # sequences per eval split in each saved eval block (block 0 is the set data always had)
     max_storage_gb: float = 10.0  # refuse to write shards larger than this (suggesting source=generate)
     shard_mb: float = 64.0  # target size of one train shard file
 
@@ -220,7 +220,7 @@ class TrainingConfig:
 class EvalConfig:
     mode: str = "standard"
     batch_size: int = 128
-    num_eval_batches: int = 16  # a prefix of the saved eval sets
+    num_eval_batches: int = 16  # a prefix of the eval sets, extended by further saved blocks beyond eval_size
     return_all: bool = False  # also save predictions and labels of every evaluated sequence
     save_hidden_states: bool = False  # also save the final hidden states on the fit subset
     run: str | None = None  # evaluate only this run directory (its name under runs/); None: every run
@@ -306,14 +306,6 @@ class Config:
         _choice("fit_from", self.fit_from, FIT_FROM)
         for key in SECTIONS:
             getattr(self, key).check(key)
-        total = self.eval_kwargs.batch_size * self.eval_kwargs.num_eval_batches
-        if total > self.data_kwargs.eval_size:
-            raise ConfigError(
-                f"eval_kwargs.num_eval_batches={self.eval_kwargs.num_eval_batches} x eval_kwargs.batch_size="
-                f"{self.eval_kwargs.batch_size} = {total} sequences exceeds the saved eval set "
-                f"(data_kwargs.eval_size={self.data_kwargs.eval_size}); use num_eval_batches <= "
-                f"{self.data_kwargs.eval_size // self.eval_kwargs.batch_size}, or set a larger data_kwargs.eval_size "
-                "when preparing the data (eval sets are part of a dataset's identity)")
 
     @property
     def checkpoint_steps(self) -> list[int]:

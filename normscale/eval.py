@@ -16,7 +16,7 @@ sequences, compared with M and G on exactly those sequences (SPEC C). Results go
   identity_hash (the run's identity, normscale.layout.identity_hash of its config_resolved.yaml; for a Bayes
   predictor or an LLM that of the dataset config it was scored with), provenance {code_version, libraries}
   (normscale.provenance: what made the file), checkpoint_meta (step, sequences and tokens seen),
-  eval_hashes {split: content hash},
+  eval_hashes {data file: sha256} of the files scored (tasks.h5 and the eval blocks, or the single_task file),
   splits: {split: {scalars {name: float}, per_position {name: (P,) float32}, num_sequences,
                    batches_by_rank {rank: [batch indices]}, fit_predictions (fit_size, ...) float16,
                    [per_task {task_ids, name: (D,)}  (single_task mode)]}},
@@ -60,7 +60,7 @@ from normscale.config import Config, FaultError, NormscaleError
 from normscale.data import load_eval_splits, load_single_task_split, load_task_pools, plan_data, prepare_data
 from normscale.data.dataset import MixtureDataset
 from normscale.data.priors import task_prior_weights
-from normscale.data.store import DataPlan, read_manifest, to_torch
+from normscale.data.store import DataPlan, eval_block_names, read_manifest, single_task_name, to_torch
 from normscale.layout import (CONFIG_FILE, METRICS_FILES, bayes_label, checkpoint_dir, experiment_dir, identity_hash,
                               list_checkpoints, llm_label, read_config, runs_dir, single_shot_dir, trained_run_dirs,
                               write_config)
@@ -80,9 +80,10 @@ STRATEGY_LOSS_GROUPS = 10
 
 class ModelEvaluator:
     """Scores models on one dataset's saved eval sets (standard: the ID/OOD(/IWL) splits, a prefix of
-    num_eval_batches x batch_size sequences; single_task: sequences_per_task of every training task), batch by batch,
-    against the memorizing and generalizing predictors on the same sequences (computed once, then reused). `plan`:
-    the command's plan_data(config), when it has one already."""
+    num_eval_batches x batch_size sequences, from as many eval blocks as it needs, saved first where missing;
+    single_task: sequences_per_task of every training task), batch by batch, against the memorizing and generalizing
+    predictors on the same sequences (computed once, then reused). `plan`: the command's plan_data(config), when it
+    has one already."""
 
     def __init__(self, config: Config, accelerator=None, plan: DataPlan | None = None):
         self.config, self.accelerator = config, accelerator
@@ -96,9 +97,11 @@ class ModelEvaluator:
                                  f"`python -m normscale.data` and the run's overrides")
         if ev.mode == "standard":
             n = ev.batch_size * ev.num_eval_batches
-            arrays = {s: {k: v[:n] for k, v in a.items()} for s, a in load_eval_splits(plan.directory).items()}
+            arrays = load_eval_splits(plan.directory, n)
+            self.data_files = ["tasks.h5", *eval_block_names(config.data_kwargs.eval_size, n)]
         else:
             arrays = {"single_task": load_single_task_split(config, ev.sequences_per_task, plan)}
+            self.data_files = ["tasks.h5", single_task_name(ev.sequences_per_task)]
         self.splits = {s: to_torch(a, self.setting) for s, a in arrays.items()}
         for split in self.splits.values():  # a row's identity, whatever batch or rank scores it (LLM colour mappings)
             split["sequence_index"] = torch.arange(len(split["task_ids"]))
@@ -224,8 +227,7 @@ class ModelEvaluator:
         manifest = read_manifest(self.directory)
         return {"format": FORMAT, "setting": self.config.setting, "mode": self.config.eval_kwargs.mode,
                 "data_dir": self.directory.name, "data_key": self.data_key,
-                "eval_hashes": {name: entry["sha256"] for name, entry in manifest["files"].items()
-                                if not name.startswith("train/")},
+                "eval_hashes": {name: manifest["files"][name]["sha256"] for name in self.data_files},
                 "eval_kwargs": dataclasses.asdict(self.config.eval_kwargs)}
 
 

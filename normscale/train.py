@@ -97,8 +97,8 @@ def init_wandb(config: Config, run_dir: Path, name: str):
 @torch.no_grad()
 def evaluate(model, setting, config: Config, splits: dict, accelerator) -> dict[str, dict[str, float]]:
     """SPEC C's loss and task metric (normscale.metrics, as normscale.eval scores them) on the first
-    num_eval_batches of each saved eval split; every rank scores its rows of each batch (so FSDP/ZeRO-3 forwards
-    stay collective), sums and counts are reduced."""
+    num_eval_batches of each eval split (load_eval_splits); every rank scores its rows of each batch (so FSDP/ZeRO-3
+    forwards stay collective), sums and counts are reduced."""
     ev = config.eval_kwargs
     rows = rank_rows(ev.batch_size, accelerator.process_index, accelerator.num_processes)
     model.eval()
@@ -321,7 +321,9 @@ def start_run(claim: Claim, preemption: Preemption) -> Loop:
     setting = get_setting(config.setting, config.task_kwargs)
     batches = open_train_batches(config, claim.prepared, accelerator.process_index, accelerator.num_processes,
                                  accelerator.device)
-    splits = {s: to_torch(a, setting, accelerator.device) for s, a in load_eval_splits(claim.plan.directory).items()}
+    ev = config.eval_kwargs
+    splits = {s: to_torch(a, setting, accelerator.device)
+              for s, a in load_eval_splits(claim.plan.directory, ev.batch_size * ev.num_eval_batches).items()}
     torch.manual_seed(stream_seed(config.seed, "init"))
     model = build_model(config)
     model, optimizer, scheduler = wrap(model, config.training_kwargs, accelerator)

@@ -59,6 +59,8 @@ ROWS = {
                      "fit_from='threshold' is not allowed; choose one of: all, interpolation_threshold"),
     "infinite prior exponent": (PY + ["-m", "normscale.train", "task_kwargs.prior_exponent=inf"], {}, None,
                                 "task_kwargs.prior_exponent=inf must be a finite number"),
+    "no eval batches": (PY + ["-m", "normscale.eval", "eval_kwargs.num_eval_batches=0"], {}, None,
+                        "eval_kwargs.num_eval_batches=0 must be >= 1"),
     "trained experiment as preset": (PY + ["-m", "normscale.eval", "experiment=mine"], {}, trained_experiment,
                                      "is a trained experiment: select it with name=mine"),
     "read-only CACHE_DIR": (PY + ["-m", "normscale.train", "experiment=demo"], {}, read_only_mount,

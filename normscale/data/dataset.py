@@ -53,16 +53,18 @@ class MixtureDataset:
         return batch | {name: self.tasks[source][ids] for name, source in self.setting.sequence_task_params.items()}
 
 
-def make_eval_splits(setting: Setting, pools: dict[str, dict[str, np.ndarray]], size: int,
-                     seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """The setting's eval splits: id (the D tasks under the task prior), ood (fresh tasks, uniform), and iwl (the
-    query's task kept out of the context) where the setting has it. Each split carries its sequences' task
-    parameters."""
+def make_eval_splits(setting: Setting, pools: dict[str, dict[str, np.ndarray]], size: int, seed: int,
+                     block: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Block `block` of the setting's eval splits, `size` sequences each: id (the D tasks under the task prior), ood
+    (fresh tasks, uniform), and iwl (the query's task kept out of the context) where the setting has it. Each split
+    carries its sequences' task parameters. Every block has its own stream (seed, split, block): block 0 is the eval
+    set datasets always had, and block b does not depend on how many blocks are made."""
     splits = {}
     for split in setting.eval_splits:
         pool, prior = (pools["ood"], "uniform") if split == "ood" else (pools["train"], setting.task.prior)
         dataset = MixtureDataset(setting, pool, prior, batch_size=size, seed=seed)
-        batch = dataset.sample(size, f"eval/{split}", exclude_query=split == "iwl")
+        stream = f"eval/{split}" if block == 0 else f"eval/{split}/block-{block}"
+        batch = dataset.sample(size, stream, exclude_query=split == "iwl")
         splits[split] = {k: v.numpy() for k, v in dataset.with_task_params(batch).items()}
     return splits
 

@@ -3,12 +3,18 @@
     ${CACHE_DIR}/experiments/${setting}/${name}/data/<dataset>/
       manifest.json          spec, key, shard layout, and per file: bytes, sha256, arrays (shape, dtype)
       tasks.h5               train/ (the D tasks), ood/ (the OOD tasks)
-      eval.h5                one group per split (id, ood, iwl), each with a content hash attribute
+      eval.h5                eval block 0: one group per split (id, ood, iwl) of eval_size sequences, each with a
+                             content hash attribute
+      eval/block-00001.h5    eval block 1, ... (same layout): saved when an evaluation asks for more sequences
       train/shard-00000.h5   steps [0, S), arrays (S, B, ...); shard j holds steps [jS, (j+1)S)
 
 <dataset> is named by a hash of everything that determines the data (DESIGN, data identity), so runs that
 differ only in model or optimiser share it and different data never do. Every file is written to a temporary
 name and renamed; writers hold an flock on the dataset's lock file, so concurrent requests leave one copy.
+
+An eval set of n sequences per split is the first n of a sequence of eval blocks of eval_size sequences each, block b
+drawn from its own stream (data seed, split, b): `load_eval_splits(directory, n)` saves the blocks it lacks first, so
+sets of any size agree on their common prefix, and block 0 (eval.h5) is the eval set of datasets made before blocks.
 
 Generation is deterministic (batch i is a function of (seed, i) alone), so a damaged file can be restored
 byte-identically: `prepare_data(config, verify=True)` (the data command) regenerates exactly the files that are
@@ -147,10 +153,10 @@ def prepare_data(config: Config, plan: DataPlan | None = None, verify: bool = Fa
             if damaged or manifest is None:  # (re)build the manifest; files already there are kept when identical
                 on_disk = [n for n in _dataset_files(directory) if n not in needed] if verify else []
                 manifest = _new_manifest(plan)
-                statuses = _generate(config, plan, needed + on_disk, manifest)
+                statuses = _generate(directory, plan.spec, needed + on_disk, manifest)
                 repaired.update(_rebuild_report(statuses, damaged))
             else:
-                statuses = _generate(config, plan, [n for n in needed if n not in manifest["files"]], manifest)
+                statuses = _generate(directory, plan.spec, [n for n in needed if n not in manifest["files"]], manifest)
     checked = [n for n in needed if n not in statuses]
     if verify:
         checked += [n for n in manifest["files"] if n not in statuses and n not in needed]
@@ -163,7 +169,7 @@ def prepare_data(config: Config, plan: DataPlan | None = None, verify: bool = Fa
         if problem:
             problems[name] = problem
     if problems:
-        repaired.update(_restore(config, plan, problems, command))
+        repaired.update(_restore(plan, problems, command))
     generated = [n for n, status in statuses.items() if status == "new"]
     verified = [n for n in manifest["files"] if n not in generated] if verify else []
     return PreparedData(plan, manifest, generated, verified, repaired)
@@ -204,12 +210,13 @@ def _new_manifest(plan: DataPlan) -> dict:
             "files": {}}
 
 
-_FILE_NAMES = r"tasks\.h5|eval\.h5|single_task-[1-9]\d*\.h5|train/shard-\d{5}\.h5"  # what a dataset holds
+# what a dataset holds
+_FILE_NAMES = r"tasks\.h5|eval\.h5|eval/block-\d{5}\.h5|single_task-[1-9]\d*\.h5|train/shard-\d{5}\.h5"
 
 
 def _dataset_files(directory: Path) -> list[str]:
     """The data files present in a dataset directory (temporary files of writers excluded)."""
-    paths = [*directory.glob("*.h5"), *directory.glob("train/*.h5")]
+    paths = [*directory.glob("*.h5"), *directory.glob("eval/*.h5"), *directory.glob("train/*.h5")]
     return sorted(n for n in (p.relative_to(directory).as_posix() for p in paths) if re.fullmatch(_FILE_NAMES, n))
 
 
@@ -227,7 +234,7 @@ def _rebuild_report(statuses: dict[str, str], damaged: str | None) -> dict[str, 
     return report
 
 
-def _restore(config: Config, plan: DataPlan, problems: dict[str, str], command: str | None) -> dict[str, str]:
+def _restore(plan: DataPlan, problems: dict[str, str], command: str | None) -> dict[str, str]:
     """Regenerate the damaged files under the lock, each installed only if byte-identical to what the manifest
     records, then verified. Raises DataIntegrityError for files that a fresh generation does not reproduce."""
     directory = plan.directory
@@ -238,7 +245,7 @@ def _restore(config: Config, plan: DataPlan, problems: dict[str, str], command: 
                                      f"checked (another process?); run {_run(command)} again")
         still = {n: p for n, p in problems.items()  # another process may have repaired some meanwhile
                  if _file_problem(directory, n, manifest["files"][n], full=True)[0]}
-        statuses = _generate(config, plan, list(still), manifest, restore=True)
+        statuses = _generate(directory, plan.spec, list(still), manifest, restore=True)
     differs = [n for n, status in statuses.items() if status == "differs"]
     if differs:
         listed = ", ".join(str(directory / n) for n in differs)
@@ -263,18 +270,19 @@ class _Differs(Exception):
     """A regenerated file's sha256 is not the one its manifest records: it is not installed."""
 
 
-def _generate(config: Config, plan: DataPlan, names: list[str], manifest: dict,
+def _generate(directory: Path, spec: dict, names: list[str], manifest: dict,
               restore: bool = False) -> dict[str, str]:
     """Write `names` (the caller holds the lock) and record them in `manifest`, rewritten after each file, so an
     interrupted run keeps what it made. Status per file: "new", "kept" (an existing file was byte-identical: its
     inode and mtime are untouched), "replaced". With `restore`, each file must reproduce the sha256 that `manifest`
-    records ("differs" otherwise, and nothing is installed) and the manifest is left as it is."""
+    records ("differs" otherwise, and nothing is installed) and the manifest is left as it is. What a file holds is
+    a function of the dataset's `spec` (plan_data) alone."""
     if not names:
         return {}
-    task, seed = config.task_kwargs, config.seed
-    setting = settings.get(config.setting, task)
+    task, seed = TaskConfig(**spec["task_kwargs"]), spec["seed"]
+    setting = settings.get(spec["setting"], task)
     pools = draw_task_pools(setting, seed)
-    dataset = MixtureDataset(setting, pools["train"], task.prior, config.training_kwargs.batch_size, seed)
+    dataset = MixtureDataset(setting, pools["train"], task.prior, spec["batch_size"], seed)
     statuses = {}
     for name in names:
         if name == "tasks.h5":
@@ -283,30 +291,31 @@ def _generate(config: Config, plan: DataPlan, names: list[str], manifest: dict,
             per_task = int(name.removeprefix("single_task-").removesuffix(".h5"))
             arrays = make_single_task_split(setting, pools, per_task, seed)
             groups, attrs = {"single_task": arrays}, {"single_task": {"content_hash": content_hash(arrays)}}
-        elif name == "eval.h5":
-            groups = make_eval_splits(setting, pools, config.data_kwargs.eval_size, seed)
+        elif name == "eval.h5" or name.startswith("eval/"):
+            groups = make_eval_splits(setting, pools, spec["eval_size"], seed, _eval_block_index(name))
             attrs = {split: {"content_hash": content_hash(arrays)} for split, arrays in groups.items()}
         else:
-            index = int(name.removeprefix("train/shard-").removesuffix(".h5"))
-            groups, attrs = {"": _shard_arrays(dataset, plan, index)}, {"": {"first_step": index * plan.steps_per_shard}}
+            index, steps_per_shard = int(name.removeprefix("train/shard-").removesuffix(".h5")), spec["steps_per_shard"]
+            groups = {"": _shard_arrays(dataset, steps_per_shard, index)}
+            attrs = {"": {"first_step": index * steps_per_shard}}
         expect = manifest["files"][name]["sha256"] if restore else None
         try:
-            entry, statuses[name] = _write_h5(plan.directory / name, groups, attrs, name.startswith("train/"), expect)
+            entry, statuses[name] = _write_h5(directory / name, groups, attrs, name.startswith("train/"), expect)
         except _Differs:
             statuses[name] = "differs"
             continue
         if not restore:
             manifest["files"][name] = entry
-            write_json(plan.directory / MANIFEST, manifest)
+            write_json(directory / MANIFEST, manifest)
     return statuses
 
 
-def _shard_arrays(dataset: MixtureDataset, plan: DataPlan, index: int) -> dict[str, np.ndarray]:
+def _shard_arrays(dataset: MixtureDataset, steps_per_shard: int, index: int) -> dict[str, np.ndarray]:
     stored = dataset.setting.batch_arrays
-    first = index * plan.steps_per_shard
+    first = index * steps_per_shard
     shapes = dataset.setting.batch_shapes(dataset.batch_size)
-    arrays = {n: np.empty((plan.steps_per_shard, *shapes[n]), dtype=stored[n][0]) for n in stored}
-    for i in range(plan.steps_per_shard):
+    arrays = {n: np.empty((steps_per_shard, *shapes[n]), dtype=stored[n][0]) for n in stored}
+    for i in range(steps_per_shard):
         for n, tensor in dataset.batch(first + i).items():
             arrays[n][i] = tensor.numpy()
     return arrays
@@ -424,7 +433,7 @@ def data_command(directory: Path, spec: dict, max_steps: int | None, shard_mb: f
     else:
         values["data_kwargs.source"] = "generate"
     evaluation = EvalConfig()
-    if evaluation.batch_size * evaluation.num_eval_batches > spec["eval_size"]:  # eval batches must fit the eval set
+    if evaluation.batch_size * evaluation.num_eval_batches > spec["eval_size"]:  # block 0 only: it adds no eval block
         values["eval_kwargs.batch_size"] = min(evaluation.batch_size, spec["eval_size"])
         values["eval_kwargs.num_eval_batches"] = 1
     return "python -m normscale.data " + " ".join(shlex.quote(f"{k}={_override_value(v)}") for k, v in values.items())
@@ -527,18 +536,66 @@ def load_task_pools(directory: Path) -> dict[str, dict[str, np.ndarray]]:
     return _read_groups(directory, "tasks.h5", _require_manifest(directory))
 
 
-def load_eval_splits(directory: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Every saved eval split, its content hash verified, as arrays in their stored dtypes."""
+def eval_block_name(block: int) -> str:
+    """The file of eval block `block`: block 0 is eval.h5, the eval set of datasets made before blocks existed."""
+    return "eval.h5" if block == 0 else f"eval/block-{block:05d}.h5"
+
+
+def _eval_block_index(name: str) -> int:
+    return 0 if name == "eval.h5" else int(name.removeprefix("eval/block-").removesuffix(".h5"))
+
+
+def eval_block_names(block_size: int, num_sequences: int | None) -> list[str]:
+    """The eval blocks that hold the first `num_sequences` sequences of each split (None: block 0 alone)."""
+    return [eval_block_name(b) for b in range(1 if num_sequences is None else max(1, -(-num_sequences // block_size)))]
+
+
+def _missing_eval_blocks(manifest: dict, num_sequences: int) -> list[str]:
+    names = eval_block_names(manifest["spec"]["eval_size"], num_sequences)[1:]
+    return [n for n in names if n not in manifest["files"]]
+
+
+def extend_eval_set(directory: Path, num_sequences: int) -> list[str]:
+    """Save the eval blocks after block 0 that the first `num_sequences` sequences of each split need and that are
+    not saved yet, under the dataset's lock (one process generates, the others wait and reuse them; none is taken
+    when nothing is missing); return the names of the blocks this call wrote."""
     directory = Path(directory)
+    if not _missing_eval_blocks(_require_manifest(directory), num_sequences):
+        return []
+    with file_lock(directory / ".lock"):
+        manifest = _require_manifest(directory)
+        missing = _missing_eval_blocks(manifest, num_sequences)
+        _generate(directory, manifest["spec"], missing, manifest)
+    return missing
+
+
+def load_eval_splits(directory: Path, num_sequences: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """The first `num_sequences` sequences of every eval split (None: block 0, data_kwargs.eval_size sequences), as
+    arrays in their stored dtypes, from the eval blocks, each verified against its manifest sha256 and content
+    hashes. Blocks after block 0 that are not saved yet are generated and saved first (extend_eval_set)."""
+    directory = Path(directory)
+    if num_sequences is not None:
+        extend_eval_set(directory, num_sequences)
     manifest = _require_manifest(directory)
-    data = check_file(directory, "eval.h5", _listed(directory, manifest, "eval.h5"))
+    names = eval_block_names(manifest["spec"]["eval_size"], num_sequences)
+    blocks = [_read_eval_block(directory, manifest, name) for name in names]
+    return {split: {n: np.concatenate([block[split][n] for block in blocks])[:num_sequences] for n in arrays}
+            for split, arrays in blocks[0].items()}
+
+
+def _read_eval_block(directory: Path, manifest: dict, name: str) -> dict[str, dict[str, np.ndarray]]:
+    data = check_file(directory, name, _listed(directory, manifest, name))
     with h5py.File(io.BytesIO(data), "r") as f:
         splits = {g: {n: f[g][n][()] for n in f[g]} for g in f}
         for g, arrays in splits.items():
             if content_hash(arrays) != f[g].attrs["content_hash"]:
-                raise DataIntegrityError(f"eval split {g} in {directory / 'eval.h5'} does not match its content hash; "
+                raise DataIntegrityError(f"eval split {g} in {directory / name} does not match its content hash; "
                                          f"{_anew_advice(directory, manifest)}")
     return splits
+
+
+def single_task_name(per_task: int) -> str:
+    return f"single_task-{per_task}.h5"
 
 
 def load_single_task_split(config: Config, per_task: int, plan: DataPlan | None = None) -> dict[str, np.ndarray]:
@@ -547,7 +604,7 @@ def load_single_task_split(config: Config, per_task: int, plan: DataPlan | None 
     `plan`: the command's plan_data(config), when it has one already."""
     if per_task < 1:
         raise ConfigError(f"eval_kwargs.sequences_per_task={per_task} must be >= 1")
-    plan, name = plan or plan_data(config), f"single_task-{per_task}.h5"
+    plan, name = plan or plan_data(config), single_task_name(per_task)
     manifest, damaged = _read_plan_manifest(plan)
     if damaged or manifest is None or name not in manifest["files"]:
         with file_lock(plan.directory / ".lock"):
@@ -555,7 +612,7 @@ def load_single_task_split(config: Config, per_task: int, plan: DataPlan | None 
             if damaged:
                 raise DataIntegrityError(_damaged_message(plan.directory, damaged, _config_command(config, plan)))
             manifest = manifest or _new_manifest(plan)
-            _generate(config, plan, [name] if name not in manifest["files"] else [], manifest)
+            _generate(plan.directory, plan.spec, [name] if name not in manifest["files"] else [], manifest)
     data = check_file(plan.directory, name, manifest["files"][name])
     with h5py.File(io.BytesIO(data), "r") as f:
         arrays = {n: f["single_task"][n][()] for n in f["single_task"]}
@@ -667,5 +724,6 @@ def open_train_batches(config: Config, prepared: PreparedData, rank: int = 0, wo
 
 
 __all__ = ["DataIntegrityError", "DataPlan", "PreparedData", "ShardReader", "GeneratedBatches", "plan_data",
-           "check_budget", "prepare_data", "load_task_pools", "load_eval_splits", "content_hash", "to_torch",
+           "check_budget", "prepare_data", "load_task_pools", "load_eval_splits", "extend_eval_set", "eval_block_name",
+           "eval_block_names", "single_task_name", "content_hash", "to_torch",
            "open_train_batches", "format_bytes", "read_manifest", "check_file", "data_command", "DamagedManifestError"]

@@ -7,7 +7,8 @@ import numpy as np
 
 from normscale.config import Config
 from normscale.data.priors import task_prior_weights
-from normscale.data.store import PreparedData, check_budget, format_bytes, plan_data, prepare_data
+from normscale.data.store import (PreparedData, check_budget, extend_eval_set, format_bytes, plan_data, prepare_data,
+                                  read_manifest)
 
 
 def prepare_and_summarise(config: Config) -> PreparedData:
@@ -24,6 +25,9 @@ def prepare_and_summarise(config: Config) -> PreparedData:
           f"sequences: {shards}; eval: {format_bytes(plan.eval_bytes)}", flush=True)
     check_budget(config, plan)
     prepared = prepare_data(config, verify=True)  # regenerates exactly the missing or damaged files
+    eval_sequences = config.eval_kwargs.batch_size * config.eval_kwargs.num_eval_batches
+    prepared.generated += extend_eval_set(plan.directory, eval_sequences)  # the eval blocks evaluation will read
+    prepared.manifest = read_manifest(plan.directory)
     for name, what in prepared.repaired.items():
         print(f"  repaired    {plan.directory / name}: {what}")
     files = prepared.manifest["files"]
@@ -34,6 +38,10 @@ def prepare_and_summarise(config: Config) -> PreparedData:
     with h5py.File(plan.directory / "eval.h5", "r") as f:
         for split in f:
             print(f"  eval/{split:<6} {len(f[split]['task_ids'])} sequences, content hash {f[split].attrs['content_hash'][:16]}")
+    blocks = sum(n.startswith("eval/") for n in files)
+    if blocks:
+        print(f"  eval blocks 1..{blocks} saved after block 0 (eval.h5), {config.data_kwargs.eval_size} sequences per "
+              f"split each; this config's evaluation reads the first {eval_sequences}")
     if config.data_kwargs.source == "shards":
         with h5py.File(plan.directory / plan.shard_name(0), "r") as f:
             ids = f["task_ids"][()].ravel()
