@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from conftest import ROOT, run_module
+from test_report_page import check_page
 from normscale import settings
 from normscale.layout import list_checkpoints, read_config
 from normscale.collate import load_eval_results
@@ -374,6 +375,10 @@ def test_analysis_recovers_known_parameters_from_metrics_files_and_draws_the_fig
     assert fit["transition_steps"]["2"] == pytest.approx(20, rel=0.01)
     assert fit["pearson_r_all"] > 0.999  # w_M ranges over 0.02 .. 1 at D = 2 and is ~0 at D = 64
     assert summary["complexity_bits"]["64"]["memorizing"] > summary["complexity_bits"]["2"]["memorizing"]
+    assert summary["fitted_checkpoints"]["2"] == {"runs": 1, "fit": {"cells": 4, "steps": [0, 69]},
+                                                  "held_out": {"cells": 1, "steps": [120, 120]}}
+    assert "single run" in summary["fit_uncertainty"]["unavailable"]  # one seed per D: nothing to resample
+    check_page(out)
 
 
 def test_analysis_leaves_out_checkpoints_evaluated_only_per_task(trained, tmp_path):

@@ -2,7 +2,9 @@
 its collated metrics.h5 alone (run `python -m normscale.collate` first).
 
 Writes to <experiment>/analysis/: summary.json (the fit, its held-out quality, predicted and observed transition
-steps, D*, final w_M per D) and the figures as PNG:
+steps, D*, final w_M per D, the fit's bootstrap intervals (fit_uncertainty: analysis/bootstrap.py) and which
+checkpoints were fitted (fitted_checkpoints)), report.html (the page to read: all of it with the figures embedded,
+self-contained: analysis/page.py) and the figures as PNG:
   w_M_heatmap.png          observed and predicted w_M (ID) over (sqrt steps, log2 D), seeds averaged
   w_M_curves.png           observed w_M (ID and OOD) against steps, one line per D
   transience.png           OOD task loss against steps per D, with M's and G's levels
@@ -26,7 +28,7 @@ import h5py
 import numpy as np
 
 from normscale import settings
-from normscale.analysis import figures, normative
+from normscale.analysis import bootstrap, figures, normative, page
 from normscale.collate import read_results
 from normscale.config import Config, NormscaleError
 from normscale.fileio import write_json
@@ -179,9 +181,15 @@ def analyze(config: Config) -> Path:
         "figures": [p.name for p in written],
         "widths": widths if len(widths) > 1 else f"not plotted: one hidden size ({widths[0]}) in this experiment",
     }
+    run_of = dict(zip(map(id, cells), trained["run"]))  # one cell per row of trained, in order
+    runs_of_used = [run_of[id(c)] for c in used]
+    summary["fit_uncertainty"] = bootstrap.over_runs(used, runs_of_used, setting, result)
+    summary["fitted_checkpoints"] = checkpoint_split(used, runs_of_used)
     write_json(out / "summary.json", summary)
+    report = page.write(summary, out)
     print(fit_line(result, checkpoints) + "; final w_M (ID) by D: " + ", ".join(f"D={D} {final_w_m[D]:.2f}" for D in Ds))
     print(f"normscale: figures and summary.json in {out}")
+    print(f"normscale: the report to read: {report}")
     return out
 
 
@@ -217,6 +225,21 @@ def fit_line(result: normative.FitResult, checkpoints: dict) -> str:
     flags = f"; FLAGS: {'; '.join(result.flags)}" if result.flags else ""
     return (f"normscale: fit alpha={result.alpha:.3f} beta={result.beta:.3f} gamma={result.gamma:.3g}{used}; {r}"
             f"{flags}")
+
+
+def checkpoint_split(cells: list[normative.Cell], run_of_cell: list[str]) -> dict:
+    """Per D: its number of runs and, of the fitted and the held-out cells (normative.split_cells), their number and
+    first and last step (None when there are none)."""
+    fitted = {id(c) for c in normative.split_cells(cells)[0]}
+    split = {}
+    for D in sorted({c.D for c in cells}):
+        of_D = [(c, run) for c, run in zip(cells, run_of_cell) if c.D == D]
+        sides = {"fit": [c.step for c, _ in of_D if id(c) in fitted],
+                 "held_out": [c.step for c, _ in of_D if id(c) not in fitted]}
+        split[str(D)] = {"runs": len({run for _, run in of_D}),
+                         **{side: {"cells": len(steps), "steps": [min(steps), max(steps)] if steps else None}
+                            for side, steps in sides.items()}}
+    return split
 
 
 def sequences(steps: float, batch_sizes: set[int]) -> float | None | dict[str, float | None]:
