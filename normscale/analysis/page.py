@@ -133,11 +133,13 @@ def number(x: float | None, element_id: str | None = None) -> str:
 
 
 def value_html(value, element_id: str | None = None) -> str:
-    """Any JSON value: numbers as `number`, dicts as key: value lines, lists as lines, the rest as text; in a span
-    with element_id if given."""
+    """Any JSON value: numbers as `number`, dicts as key: value lines, lists of records of one kind (e.g. the fit's
+    starts) as a table, other lists as lines, the rest as text; in a span with element_id if given."""
     if isinstance(value, float) and math.isfinite(value) or isinstance(value, int) and not isinstance(value, bool):
         return number(value, element_id)
-    if isinstance(value, dict):
+    if isinstance(value, list) and value and all(isinstance(v, dict) and v.keys() == value[0].keys() for v in value):
+        text = table([esc(k) for k in value[0]], [[value_html(v) for v in record.values()] for record in value])
+    elif isinstance(value, dict):
         text = "<br>".join(f"{esc(str(k))}: {value_html(v)}" for k, v in value.items())
     elif isinstance(value, list):
         text = "<br>".join(value_html(v) for v in value)
