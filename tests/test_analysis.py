@@ -104,3 +104,16 @@ def test_fit_line_states_flags_and_why_the_held_out_r_is_undefined():
     clean = replace(result, pearson_r_held_out=0.95, flags=[], undefined={})
     assert fit_line(clean, {"fit_from": "all"}) == (
         "normscale: fit alpha=0.700 beta=0.300 gamma=2; held-out Pearson r(w_M) 0.950")
+
+
+def test_predicted_against_observed_titles_an_undefined_r_with_its_reason():
+    result = FitResult(setting="balls_and_urns", alpha=0.7, beta=0.3, gamma=2.0, fit_loss=1e-3, held_out_loss=0.1,
+                       pearson_r_held_out=math.nan, pearson_r_all=0.9, n_fit_cells=1, n_held_out_cells=1,
+                       converged=True, message="", transition_steps={},
+                       undefined={"pearson_r_held_out": "the held-out cells' observed w_M are constant (0.25)"})
+    cells = [Cell(D=4, step=s, T=np.zeros((1, 2)), M=np.zeros((1, 2)), G=np.zeros((1, 2)), K_M=2.0, K_G=1.0, L_M=0.1,
+                  L_G=0.2, observed_w_M=0.25) for s in (10, 20)]
+    fig = figures.predicted_vs_observed(cells, [0.2, 0.3], {id(cells[0])}, result)
+    assert fig.axes[0].get_title() == ("Pearson r: all 0.900, held-out undefined (the held-out cells' observed w_M "
+                                       "are constant (0.25))")
+    plt.close(fig)

@@ -106,9 +106,15 @@ def predicted_vs_observed(cells, predicted: list[float], fitted: set[int], resul
     ax.scatter(observed[~mask], predicted[~mask], s=16, color="tab:orange", marker="^", label="held-out cells")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
     ax.set(xlim=(-0.05, 1.05), ylim=(-0.05, 1.05), xlabel="observed w_M (ID)", ylabel="predicted w_M",
-           title=f"Pearson r: all {result.pearson_r_all:.3f}, held-out {result.pearson_r_held_out:.3f}")
+           title=f"Pearson r: all {pearson(result, 'pearson_r_all')}, held-out {pearson(result, 'pearson_r_held_out')}")
     ax.legend(fontsize=8)
     return fig
+
+
+def pearson(result, field: str) -> str:
+    """A Pearson r of the fit, or why it is undefined (normative.FitResult.undefined)."""
+    value = getattr(result, field)
+    return f"undefined ({result.undefined[field]})" if np.isnan(value) else f"{value:.3f}"
 
 
 def loss_vs_width(runs: list[dict], metric: str) -> Figure:
