@@ -11,6 +11,7 @@ only (`fail`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import os
@@ -312,6 +313,21 @@ SKIPPABLE = (RunFailedError, RunRefusedError, RunHeldError)
 # run that a pack job left out or that failed.
 PACKED_ENTRY: Callable[[list[tuple[Config, list[str]]]], list] | None = None
 LAUNCHER_SKIPPED: list[tuple[int, str]] = []
+LAUNCHER_JOB = False  # set in a submitit job of those launchers: a point's error is sent back, not exited with
+
+
+def in_launcher_job() -> bool:
+    """LAUNCHER_JOB, read through a module function: the task function reaches a submitit job pickled by value, with
+    a copy of the module globals it names, but this function by reference."""
+    return LAUNCHER_JOB
+
+
+@dataclasses.dataclass
+class JobOutcome:
+    """What a submitit job of the packing launchers sends back: (exit code, line, overrides) of each point it skipped
+    (left out of a pack, refused, failed), and the (exit code, line) of the error that ended it, if one did."""
+    skipped: list[tuple[int, str, list[str]]]
+    error: tuple[int, str] | None = None
 
 
 def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
@@ -358,9 +374,13 @@ def hydra_main(entry: Callable[..., Any], with_overrides: bool = False,
         except SKIPPABLE as error:
             if hydra_config.mode != RunMode.MULTIRUN:
                 fail(str(error), error.exit_code)
+            if in_launcher_job():
+                return JobOutcome([(error.exit_code, str(error), list(hydra_config.overrides.task))])
             print(f"normscale: skipped: {error}", file=sys.stderr, flush=True)
             skipped.append((error.exit_code, " ".join(hydra_config.overrides.task)))
         except BaseException as error:
+            if in_launcher_job() and isinstance(error, NormscaleError):  # the submitting process ends the sweep with it
+                return JobOutcome([], (error.exit_code, str(error)))
             fail_on(error)
 
     _main()

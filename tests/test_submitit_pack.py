@@ -89,6 +89,26 @@ def test_a_command_that_trains_nothing_runs_its_points_as_jobs_whatever_pack_say
     assert not tmp_path.joinpath(*EXPERIMENT, "runs").exists()
 
 
+def test_solo_jobs_send_back_a_refused_point_and_an_error_as_the_default_launcher_reports_them(tmp_path):
+    """pack=1 under hydra/launcher=local: a point refused in its job (failed.json) is listed and sets the exit code;
+    a point whose config is bad ends the sweep with its one line, not submitit's traceback; the other points train."""
+    one_rate = [o for o in FOUR if not o.startswith("training_kwargs.learning_rate=")]
+    first = train_sweep(tmp_path, "hydra/launcher=local", *one_rate, "training_kwargs.learning_rate=0.001")
+    assert first.returncode == 0, first.stderr[-3000:]
+    failed = next(tmp_path.joinpath(*EXPERIMENT, "runs").glob("*num_tasks=2,*"))
+    (failed / "failed.json").write_text('{"step": 3, "last_finite_step": 0, "reason": "a test"}')
+    refused = train_sweep(tmp_path, "hydra/launcher=local", *FOUR)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "normscale: skipped: run " in refused.stderr and "failed at step 3 (a test)" in refused.stderr
+    assert refused.stderr.splitlines()[-1].startswith("normscale: error: 1 sweep point(s) skipped, each named above: ")
+    assert len([run for run in tmp_path.joinpath(*EXPERIMENT, "runs").iterdir() if (run / "checkpoint-8").exists()]) == 4
+    bad = train_sweep(tmp_path / "bad", "hydra/launcher=local", "training_kwargs.learning_rate=0.001",
+                      *[o for o in one_rate if not o.startswith("training_kwargs.warmup_steps=")],
+                      "training_kwargs.warmup_steps=-1,2")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert bad.stderr.splitlines()[-1].startswith("normscale: error: point 0: training_kwargs.warmup_steps=-1")
+
+
 # ---------------------------------------------------------------- on the real local cluster
 
 
