@@ -4,6 +4,7 @@ A fault that cannot be set up fails the test (never a skip): a test that did not
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import shlex
 import subprocess
@@ -29,6 +30,21 @@ def flip(path: Path, offset: int | None = None) -> None:
     i = len(data) // 2 if offset is None else offset
     data[i] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def at_once(target, args: tuple, processes: int, timeout: float) -> list:
+    """A real race: `processes` spawned processes run target(*args, barrier, results), released together by the
+    barrier, each putting one result. Their results in arrival order, once every process has exited 0."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, results)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return outcomes
 
 
 def one_error_line(stderr: str) -> str:

@@ -2,7 +2,6 @@
 gives it, restores exactly the damaged files, byte-identical to the originals (generation is deterministic: batch i
 is a function of (seed, i)), leaving every other file untouched (same inode, same mtime)."""
 import json
-import multiprocessing as mp
 import re
 import shlex
 import shutil
@@ -10,7 +9,7 @@ import shutil
 import pytest
 
 from conftest import compose_config, run_module, small_config
-from faults import flip, one_error_line, tree_bytes, truncate
+from faults import at_once, flip, one_error_line, tree_bytes, truncate
 from normscale import settings
 from normscale.data import ShardReader, load_eval_splits, load_single_task_split, load_task_pools, plan_data, prepare_data
 from normscale.data.store import DataIntegrityError, read_manifest
@@ -223,15 +222,7 @@ def test_two_repairs_at_once_regenerate_each_file_once(tmp_path):
     before = tree_bytes(directory)
     truncate(directory / "train/shard-00000.h5")
     flip(directory / "eval.h5")
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_repair_in_process, args=(cache, barrier, results)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    reports = sorted(results.get(timeout=240) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    reports = sorted(at_once(_repair_in_process, (cache,), processes=2, timeout=240))
     assert reports == [[], ["eval.h5", "train/shard-00000.h5"]]  # one repaired, the other found them repaired
     assert tree_bytes(directory) == before
     assert not [p for p in directory.rglob("*") if ".tmp-" in p.name]

@@ -5,7 +5,6 @@ saved size keeps its files, its key and its first eval_size sequences; a set of 
 whatever the order they were made in; a damaged block is named with the command that repairs it."""
 import importlib.util
 import json
-import multiprocessing as mp
 import shutil
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_config, run_module, small_config
+from faults import at_once
 from normscale.data import DataIntegrityError, load_eval_splits, plan_data, prepare_data
 from normscale.data.store import content_hash, extend_eval_set, read_manifest
 from normscale.eval import ModelEvaluator
@@ -135,15 +135,7 @@ def _extend_in_process(directory, barrier, results):
 def test_two_processes_extending_at_once_write_one_copy(tmp_path):
     config = small_config(tmp_path, "balls_and_urns", "data_kwargs.eval_size=16", "data_kwargs.source=generate")
     directory = prepare_data(config, train_shards=False).plan.directory
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_extend_in_process, args=(directory, barrier, results)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    written = sorted(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    written = sorted(at_once(_extend_in_process, (directory,), processes=2, timeout=120))
     assert written == [[], ["eval/block-00001.h5", "eval/block-00002.h5", "eval/block-00003.h5"]]
     assert not [p for p in directory.rglob("*") if ".tmp-" in p.name]
     assert len(load_eval_splits(directory, 64)["id"]["task_ids"]) == 64

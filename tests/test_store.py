@@ -1,6 +1,5 @@
 """The HDF5 store: step-indexed shards, data identity, manifest, corruption, budget, and concurrent generation."""
 import json
-import multiprocessing as mp
 
 import h5py
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 from conftest import small_config
+from faults import at_once
 from normscale import settings
 from normscale.config import ConfigError
 from normscale.data import (DataIntegrityError, GeneratedBatches, MixtureDataset, ShardReader, load_eval_splits,
@@ -195,15 +195,7 @@ def _prepare_in_process(cache_dir, barrier, results):
 
 
 def test_four_processes_asking_at_once_generate_one_copy(cache_dir):
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_prepare_in_process, args=(cache_dir, barrier, results)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    generated = [results.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    generated = at_once(_prepare_in_process, (cache_dir,), processes=4, timeout=240)
     assert sorted(len(g) > 0 for g in generated) == [False, False, False, True]  # exactly one generated
     config = small_config(cache_dir, "balls_and_urns", "training_kwargs.max_steps=400")
     again = prepare_data(config, verify=True)
