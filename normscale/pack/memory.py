@@ -26,10 +26,17 @@ class RunMemory:
     activations: int  # bytes one step keeps for its backward
     parameters: int  # bytes of one copy of the parameters
 
+    def per_run(self, stacked: bool) -> int:
+        """Bytes each run of a pack adds: its parameter copies, and its activations when stacked."""
+        return (self.activations if stacked else 0) + (7 if stacked else 4) * self.parameters
+
+    def shared(self, stacked: bool) -> int:
+        """Bytes a pack needs whatever its size: the one run's activations of runs in turn."""
+        return 0 if stacked else self.activations
+
     def pack(self, num_runs: int, stacked: bool) -> int:
         """Bytes a pack of num_runs needs."""
-        states = num_runs * (7 if stacked else 4) * self.parameters
-        return int(MARGIN * ((num_runs if stacked else 1) * self.activations + states))
+        return int(MARGIN * (self.shared(stacked) + num_runs * self.per_run(stacked)))
 
 
 def run_memory(config: Config) -> RunMemory:
@@ -63,10 +70,7 @@ def gib(num_bytes: int) -> str:
 
 def largest_fitting(memory: RunMemory, stacked: bool, free: int) -> int:
     """The most runs whose pack fits USABLE of `free` bytes (0: not even one): RunMemory.pack solved for N."""
-    budget = USABLE * free / MARGIN
-    if stacked:
-        return int(budget // (memory.activations + 7 * memory.parameters))
-    return max(0, int((budget - memory.activations) // (4 * memory.parameters)))
+    return max(0, int((USABLE * free / MARGIN - memory.shared(stacked)) // memory.per_run(stacked)))
 
 
 def check_fits(config: Config, num_runs: int, stacked: bool, device: torch.device) -> None:
