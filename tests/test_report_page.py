@@ -122,7 +122,7 @@ def experiment_summary(out: Path, runs_per_D: int, extra_fit: dict) -> dict:
                                  "observed": {run: 160 for run in run_of_cell}},
         "figures": [p.name for p in written], "widths": "not plotted: one hidden size (64) in this experiment",
         "fit_uncertainty": bootstrap.over_runs(cells, run_of_cell, SETTING, result, resamples=4),
-        "fitted_checkpoints": checkpoint_split(cells, run_of_cell),
+        "fitted_checkpoints": checkpoint_split(cells, run_of_cell, fitted),
     }
     (out / "summary.json").write_text(json.dumps(summary))
     return summary

@@ -184,7 +184,7 @@ def analyze(config: Config) -> Path:
     run_of = dict(zip(map(id, cells), trained["run"]))  # one cell per row of trained, in order
     runs_of_used = [run_of[id(c)] for c in used]
     summary["fit_uncertainty"] = bootstrap.over_runs(used, runs_of_used, setting, result)
-    summary["fitted_checkpoints"] = checkpoint_split(used, runs_of_used)
+    summary["fitted_checkpoints"] = checkpoint_split(used, runs_of_used, fitted)
     write_json(out / "summary.json", summary)
     report = page.write(summary, out)
     print(fit_line(result, checkpoints) + "; final w_M (ID) by D: " + ", ".join(f"D={D} {final_w_m[D]:.2f}" for D in Ds))
@@ -227,10 +227,9 @@ def fit_line(result: normative.FitResult, checkpoints: dict) -> str:
             f"{flags}")
 
 
-def checkpoint_split(cells: list[normative.Cell], run_of_cell: list[str]) -> dict:
-    """Per D: its number of runs and, of the fitted and the held-out cells (normative.split_cells), their number and
-    first and last step (None when there are none)."""
-    fitted = {id(c) for c in normative.split_cells(cells)[0]}
+def checkpoint_split(cells: list[normative.Cell], run_of_cell: list[str], fitted: set[int]) -> dict:
+    """Per D: its number of runs and, of the fitted cells (ids in `fitted`: normative.split_cells) and the held-out
+    ones, their number and first and last step (None when there are none)."""
     split = {}
     for D in sorted({c.D for c in cells}):
         of_D = [(c, run) for c, run in zip(cells, run_of_cell) if c.D == D]
