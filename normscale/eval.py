@@ -60,7 +60,7 @@ from normscale.config import Config, FaultError, NormscaleError
 from normscale.data import load_eval_splits, load_single_task_split, load_task_pools, plan_data, prepare_data
 from normscale.data.dataset import MixtureDataset
 from normscale.data.priors import task_prior_weights
-from normscale.data.store import DataPlan, eval_block_names, read_manifest, single_task_name, to_torch
+from normscale.data.store import DataPlan, check_budget, eval_block_names, read_manifest, single_task_name, to_torch
 from normscale.layout import (CONFIG_FILE, METRICS_FILES, bayes_label, checkpoint_dir, experiment_dir, identity_hash,
                               list_checkpoints, llm_label, read_config, runs_dir, single_shot_dir, trained_run_dirs,
                               write_config)
@@ -97,6 +97,7 @@ class ModelEvaluator:
                                  f"`python -m normscale.data` and the run's overrides")
         if ev.mode == "standard":
             n = ev.batch_size * ev.num_eval_batches
+            check_budget(config, plan, train_shards=False)  # the eval blocks this set needs fit the storage budget
             arrays = load_eval_splits(plan.directory, n)
             self.data_files = ["tasks.h5", *eval_block_names(config.data_kwargs.eval_size, n)]
         else:

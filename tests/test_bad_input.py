@@ -61,6 +61,9 @@ ROWS = {
                                 "task_kwargs.prior_exponent=inf must be a finite number"),
     "no eval batches": (PY + ["-m", "normscale.eval", "eval_kwargs.num_eval_batches=0"], {}, None,
                         "eval_kwargs.num_eval_batches=0 must be >= 1"),
+    "eval set over the storage budget": (PY + ["-m", "normscale.train", "eval_kwargs.num_eval_batches=100000000"],
+                                         {}, None, "eval_kwargs.num_eval_batches=100000000 x eval_kwargs.batch_size="
+                                                    "128 sequences per split need 6250000 eval blocks"),
     "trained experiment as preset": (PY + ["-m", "normscale.eval", "experiment=mine"], {}, trained_experiment,
                                      "is a trained experiment: select it with name=mine"),
     "read-only CACHE_DIR": (PY + ["-m", "normscale.train", "experiment=demo"], {}, read_only_mount,

@@ -98,10 +98,20 @@ def _steps_per_shard(shard_mb: float, bytes_per_step: int) -> int:
     return min(MAX_STEPS_PER_SHARD, max(1, int(shard_mb * 2**20) // bytes_per_step))
 
 
-def check_budget(config: Config, plan: DataPlan) -> None:
-    """Refuse, before writing anything, shards that exceed data_kwargs.max_storage_gb; say what to do instead."""
+def check_budget(config: Config, plan: DataPlan, train_shards: bool = True) -> None:
+    """Refuse, before writing anything, data that exceed data_kwargs.max_storage_gb (the train shards, when they are
+    stored, and the eval blocks the config's evaluation reads); say what to do instead."""
     budget = config.data_kwargs.max_storage_gb * 2**30
-    if config.data_kwargs.source == "shards" and plan.train_bytes > budget:
+    ev = config.eval_kwargs
+    blocks = len(eval_block_names(config.data_kwargs.eval_size, ev.batch_size * ev.num_eval_batches))
+    if blocks * plan.eval_bytes > budget:
+        raise ConfigError(
+            f"eval_kwargs.num_eval_batches={ev.num_eval_batches} x eval_kwargs.batch_size={ev.batch_size} sequences per "
+            f"split need {blocks} eval blocks of data_kwargs.eval_size={config.data_kwargs.eval_size}, "
+            f"{format_bytes(blocks * plan.eval_bytes)}, over data_kwargs.max_storage_gb="
+            f"{config.data_kwargs.max_storage_gb:g}: lower eval_kwargs.num_eval_batches, or raise "
+            "data_kwargs.max_storage_gb")
+    if train_shards and config.data_kwargs.source == "shards" and plan.train_bytes > budget:
         raise ConfigError(
             f"training data for this config need {format_bytes(plan.train_bytes)} of HDF5 shards "
             f"({config.training_kwargs.max_steps} steps x {format_bytes(plan.bytes_per_step)} per batch), over "
@@ -134,8 +144,7 @@ def prepare_data(config: Config, plan: DataPlan | None = None, verify: bool = Fa
     has one already.
     """
     plan = plan or plan_data(config)
-    if train_shards:
-        check_budget(config, plan)
+    check_budget(config, plan, train_shards)
     directory = plan.directory
     shards = config.data_kwargs.source == "shards" and train_shards
     needed = ["tasks.h5", "eval.h5"] + ([plan.shard_name(j) for j in range(plan.num_shards)] if shards else [])
