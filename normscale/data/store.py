@@ -104,7 +104,7 @@ def check_budget(config: Config, plan: DataPlan, train_shards: bool = True) -> N
     budget = config.data_kwargs.max_storage_gb * 2**30
     ev = config.eval_kwargs
     blocks = len(eval_block_names(config.data_kwargs.eval_size, ev.batch_size * ev.num_eval_batches))
-    if blocks * plan.eval_bytes > budget:
+    if blocks > 1 and blocks * plan.eval_bytes > budget:  # block 0 is every dataset's; more are asked for
         raise ConfigError(
             f"eval_kwargs.num_eval_batches={ev.num_eval_batches} x eval_kwargs.batch_size={ev.batch_size} sequences per "
             f"split need {blocks} eval blocks of data_kwargs.eval_size={config.data_kwargs.eval_size}, "
